@@ -1,0 +1,366 @@
+// lmengine._core.cuda: test and benchmark entry points for the CUDA kernels (cuda/kernels.h).
+// Each takes numpy arrays, validates every shape and value the kernel trusts (ValueError), copies
+// to the device, runs the kernel, and copies the result back; RuntimeError when no device is
+// usable or CUDA fails. With iters > 0 the kernel is then run `iters` more times between CUDA
+// events and the call returns (result, milliseconds per call); the result is always the first run.
+//
+// Only kernels.h is included (no CUDA headers), so g++ compiles this file. Without
+// LMENGINE_WITH_CUDA the submodule holds just available() -> False.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+namespace py = pybind11;
+
+#ifdef LMENGINE_WITH_CUDA
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+#include "lmengine/quant.h"
+
+namespace {
+
+bool cuda_device_available() { return lmengine_cuda_device_count() > 0; }
+
+// Safe to call without the GIL: only C++ exceptions, translated once the GIL is back.
+void check_status(int status) {
+  if (status == lme::kCudaOk) return;
+  const std::string message = lme::cuda_last_error();
+  if (status == lme::kCudaInvalidArgument) throw py::value_error(message);
+  throw std::runtime_error(message);
+}
+
+void require_device() {
+  if (!cuda_device_available()) throw std::runtime_error("no CUDA device is available");
+}
+
+void check_array(const py::array& a, const py::dtype& dtype, int ndim, const char* what) {
+  if (!a.dtype().is(dtype)) {
+    throw py::value_error(std::string(what) + " must have dtype " +
+                          py::str(dtype).cast<std::string>() + ", got " +
+                          py::str(a.dtype()).cast<std::string>());
+  }
+  if (a.ndim() != ndim) {
+    throw py::value_error(std::string(what) + " must be " + std::to_string(ndim) + "-D, got " +
+                          std::to_string(a.ndim()) + "-D");
+  }
+  if (!(a.flags() & py::array::c_style))
+    throw py::value_error(std::string(what) + " must be C-contiguous");
+}
+
+void check_dim(const py::array& a, int axis, int64_t expected, const char* what) {
+  if (a.shape(axis) != expected) {
+    throw py::value_error(std::string(what) + ".shape[" + std::to_string(axis) + "] is " +
+                          std::to_string(a.shape(axis)) + ", expected " + std::to_string(expected));
+  }
+}
+
+// Device memory owned for the duration of one call.
+class DeviceBuffer {
+ public:
+  explicit DeviceBuffer(size_t bytes) : bytes_(bytes) {
+    check_status(lme::cuda_malloc(&ptr_, bytes));
+  }
+  DeviceBuffer(const void* host, size_t bytes) : DeviceBuffer(bytes) {
+    check_status(lme::cuda_copy_to_device(ptr_, host, bytes));
+  }
+  ~DeviceBuffer() { lme::cuda_free(ptr_); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(ptr_);
+  }
+  void copy_to_host(void* host) const { check_status(lme::cuda_copy_to_host(host, ptr_, bytes_)); }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t bytes_;
+};
+
+size_t nbytes(const py::array& a) { return static_cast<size_t>(a.nbytes()); }
+
+// Runs launch() once more per iteration between CUDA events; milliseconds per call.
+template <class Launch>
+float time_launches(Launch& launch, int iters) {
+  float ms = 0.f;
+  auto trampoline = [](void* ctx) { return (*static_cast<Launch*>(ctx))(); };
+  check_status(lme::cuda_time_launches(trampoline, &launch, iters, &ms));
+  return ms;
+}
+
+py::object with_time(const py::array& result, int iters, float ms) {
+  if (iters > 0) return py::make_tuple(result, ms);
+  return result;
+}
+
+void check_iters(int iters) {
+  if (iters < 0) throw py::value_error("iters must be >= 0");
+}
+
+// ---------------------------------------------------------------------------------------------
+
+py::object rmsnorm(const py::array& x, const py::array& w, float eps, int iters) {
+  check_array(x, py::dtype::of<float>(), 2, "x");
+  check_array(w, py::dtype::of<float>(), 1, "w");
+  const int64_t rows = x.shape(0), n = x.shape(1);
+  if (n == 0) throw py::value_error("x must have at least one column");
+  check_dim(w, 0, n, "w");
+  check_iters(iters);
+  require_device();
+  py::array_t<float> y({rows, n});
+  float* y_host = y.mutable_data();
+  float ms = 0.f;
+  {
+    py::gil_scoped_release release;
+    const DeviceBuffer dx(x.data(), nbytes(x)), dw(w.data(), nbytes(w)), dy(nbytes(x));
+    auto launch = [&] {
+      return lme::cuda_rmsnorm(dx.as<float>(), n, dw.as<float>(), dy.as<float>(), n, rows, n, eps,
+                               nullptr);
+    };
+    check_status(launch());
+    dy.copy_to_host(y_host);
+    if (iters > 0) ms = time_launches(launch, iters);
+  }
+  return with_time(y, iters, ms);
+}
+
+// Rotates the first n_heads * head_dim elements of each row of x (a copy; the rest is unchanged).
+py::object rope(const py::array& x, const py::array& positions, const py::array& inv_freq,
+                int n_heads, bool interleaved, int iters) {
+  check_array(x, py::dtype::of<float>(), 2, "x");
+  check_array(positions, py::dtype::of<int32_t>(), 1, "positions");
+  check_array(inv_freq, py::dtype::of<float>(), 1, "inv_freq");
+  const int64_t n_tokens = x.shape(0), width = x.shape(1);
+  const int64_t head_dim = 2 * inv_freq.shape(0);
+  if (head_dim == 0) throw py::value_error("inv_freq must not be empty");
+  if (n_heads < 0 || n_heads * head_dim > width) {
+    throw py::value_error("n_heads * head_dim = " + std::to_string(n_heads * head_dim) +
+                          " does not fit in rows of " + std::to_string(width));
+  }
+  check_dim(positions, 0, n_tokens, "positions");
+  check_iters(iters);
+  require_device();
+  py::array_t<float> y({n_tokens, width});
+  float* y_host = y.mutable_data();
+  float ms = 0.f;
+  {
+    py::gil_scoped_release release;
+    const DeviceBuffer dx(x.data(), nbytes(x)), dpos(positions.data(), nbytes(positions)),
+        dfreq(inv_freq.data(), nbytes(inv_freq));
+    auto launch = [&] {
+      return lme::cuda_rope(dx.as<float>(), width, n_tokens, n_heads,
+                            static_cast<int32_t>(head_dim), dpos.as<int32_t>(), dfreq.as<float>(),
+                            interleaved, nullptr);
+    };
+    check_status(launch());
+    dx.copy_to_host(y_host);
+    if (iters > 0) ms = time_launches(launch, iters);  // keeps rotating dx; the result is taken
+  }
+  return with_time(y, iters, ms);
+}
+
+// KV storage from the numpy dtype: float32 -> F32, float16 -> F16, uint16 -> BF16 (raw bits).
+int32_t kv_dtype_of(const py::array& pool) {
+  if (pool.dtype().is(py::dtype::of<float>())) return 0;
+  if (pool.dtype().is(py::dtype("float16"))) return 1;
+  if (pool.dtype().is(py::dtype::of<uint16_t>())) return 2;
+  throw py::value_error("KV pools must be float32, float16 or uint16 (bf16 bits), got " +
+                        py::str(pool.dtype()).cast<std::string>());
+}
+
+py::object attention_decode(const py::array& q, const py::array& k_pool, const py::array& v_pool,
+                            const py::array& page_table, const py::array& seq_lens, int layer,
+                            float scale, int sliding_window, int split_tokens, int iters) {
+  check_array(q, py::dtype::of<float>(), 3, "q");
+  const int32_t kv_dtype = kv_dtype_of(k_pool);
+  check_array(k_pool, k_pool.dtype(), 5, "k_pool");
+  check_array(v_pool, k_pool.dtype(), 5, "v_pool");
+  check_array(page_table, py::dtype::of<int32_t>(), 2, "page_table");
+  check_array(seq_lens, py::dtype::of<int32_t>(), 1, "seq_lens");
+  const int64_t n_seqs = q.shape(0), n_q_heads = q.shape(1), head_dim = q.shape(2);
+  const int64_t n_pages = k_pool.shape(0), n_layers = k_pool.shape(1), n_kv_heads = k_pool.shape(2);
+  const int64_t page_size = k_pool.shape(3);
+  for (int axis = 0; axis < 5; ++axis) check_dim(v_pool, axis, k_pool.shape(axis), "v_pool");
+  check_dim(k_pool, 4, head_dim, "k_pool");
+  check_dim(page_table, 0, n_seqs, "page_table");
+  check_dim(seq_lens, 0, n_seqs, "seq_lens");
+  if (head_dim != 64 && head_dim != 128 && head_dim != 256)
+    throw py::value_error("head_dim must be 64, 128 or 256");
+  if (n_kv_heads == 0 || n_q_heads % n_kv_heads != 0) {
+    throw py::value_error("n_q_heads must be a positive multiple of n_kv_heads");
+  }
+  if (page_size == 0 || n_layers == 0)
+    throw py::value_error("KV pools need page_size > 0 and n_layers > 0");
+  if (layer < 0 || layer >= n_layers) throw py::value_error("layer out of range");
+  if (sliding_window < 0 || split_tokens < 0)
+    throw py::value_error("sliding_window and split_tokens must be >= 0");
+  if (!std::isfinite(scale)) throw py::value_error("scale must be finite");
+  if (n_seqs > 65535 || n_kv_heads > 65535 || n_pages > INT32_MAX)
+    throw py::value_error("too many sequences, heads or pages");
+  check_iters(iters);
+  // The kernel trusts lengths and page ids: check every page a sequence will read.
+  const int64_t max_pages = page_table.shape(1);
+  const int32_t* lens = static_cast<const int32_t*>(seq_lens.data());
+  const int32_t* table = static_cast<const int32_t*>(page_table.data());
+  int32_t max_len = 0;
+  for (int64_t s = 0; s < n_seqs; ++s) {
+    if (lens[s] < 0 || lens[s] > max_pages * page_size) {
+      throw py::value_error("seq_lens[" + std::to_string(s) + "] = " + std::to_string(lens[s]) +
+                            " is outside [0, page_table.shape[1] * page_size]");
+    }
+    max_len = std::max(max_len, lens[s]);
+    for (int64_t i = 0; i < (lens[s] + page_size - 1) / page_size; ++i) {
+      const int32_t page = table[s * max_pages + i];
+      if (page < 0 || page >= n_pages) {
+        throw py::value_error("page_table[" + std::to_string(s) + ", " + std::to_string(i) +
+                              "] = " + std::to_string(page) + " is not a page of the pool");
+      }
+    }
+  }
+  require_device();
+
+  lme::CudaDecodeAttentionArgs a;
+  a.kv_dtype = kv_dtype;
+  a.page_table_stride = max_pages;
+  a.n_seqs = static_cast<int32_t>(n_seqs);
+  a.n_q_heads = static_cast<int32_t>(n_q_heads);
+  a.n_kv_heads = static_cast<int32_t>(n_kv_heads);
+  a.head_dim = static_cast<int32_t>(head_dim);
+  a.page_size = static_cast<int32_t>(page_size);
+  a.n_layers = static_cast<int32_t>(n_layers);
+  a.layer = layer;
+  a.max_seq_len = max_len;
+  a.sliding_window = sliding_window;
+  a.scale = scale;
+  a.split_tokens = split_tokens;
+
+  py::array_t<float> out({n_seqs, n_q_heads, head_dim});
+  float* out_host = out.mutable_data();
+  float ms = 0.f;
+  {
+    py::gil_scoped_release release;
+    const int64_t workspace_bytes = lme::cuda_attention_decode_workspace_bytes(a);
+    if (workspace_bytes < 0) check_status(lme::kCudaInvalidArgument);
+    const DeviceBuffer dq(q.data(), nbytes(q)), dk(k_pool.data(), nbytes(k_pool)),
+        dv(v_pool.data(), nbytes(v_pool)), dtable(page_table.data(), nbytes(page_table)),
+        dlens(seq_lens.data(), nbytes(seq_lens)), dout(nbytes(q)),
+        dwork(static_cast<size_t>(workspace_bytes));
+    a.q = dq.as<float>();
+    a.out = dout.as<float>();
+    a.k_pool = dk.as<void>();
+    a.v_pool = dv.as<void>();
+    a.page_table = dtable.as<int32_t>();
+    a.seq_lens = dlens.as<int32_t>();
+    a.workspace = dwork.as<void>();
+    a.workspace_bytes = workspace_bytes;
+    auto launch = [&] { return lme::cuda_attention_decode(a, nullptr); };
+    check_status(launch());
+    dout.copy_to_host(out_host);
+    if (iters > 0) ms = time_launches(launch, iters);
+  }
+  return with_time(out, iters, ms);
+}
+
+// Y[T, rows] = X[T, k] @ W[rows, k]^T with W in a GGML weight format, as _core.quant_matmul.
+py::object gemv(int64_t ggml_type, const py::array& weights, int64_t k, const py::array& x,
+                int iters) {
+  if (ggml_type < INT32_MIN || ggml_type > INT32_MAX ||
+      !lme::cuda_gemv_supports(static_cast<int32_t>(ggml_type))) {
+    throw py::value_error("unsupported ggml type " + std::to_string(ggml_type));
+  }
+  const auto t = static_cast<lme::DType>(ggml_type);
+  const int64_t block = lme::dtype_block_size(t);
+  if (k <= 0 || k % block != 0) {
+    throw py::value_error("k = " + std::to_string(k) + " is not a positive multiple of " +
+                          lme::dtype_name(t) + "'s block size " + std::to_string(block));
+  }
+  check_array(weights, py::dtype::of<uint8_t>(), 2, "weights");
+  check_array(x, py::dtype::of<float>(), 2, "x");
+  const int64_t rows = weights.shape(0), row_bytes = lme::dtype_row_bytes(t, k),
+                n_tokens = x.shape(0);
+  check_dim(weights, 1, row_bytes, "weights");
+  check_dim(x, 1, k, "x");
+  if (n_tokens > 65535) throw py::value_error("at most 65535 tokens per call");
+  check_iters(iters);
+  require_device();
+  py::array_t<float> y({n_tokens, rows});
+  float* y_host = y.mutable_data();
+  float ms = 0.f;
+  {
+    py::gil_scoped_release release;
+    const DeviceBuffer dw(weights.data(), nbytes(weights)), dx(x.data(), nbytes(x)),
+        dy(static_cast<size_t>(n_tokens * rows) * sizeof(float));
+    auto launch = [&] {
+      return lme::cuda_gemv(static_cast<int32_t>(ggml_type), dw.as<void>(), row_bytes, rows, k,
+                            dx.as<float>(), n_tokens, dy.as<float>(), nullptr);
+    };
+    check_status(launch());
+    dy.copy_to_host(y_host);
+    if (iters > 0) ms = time_launches(launch, iters);
+  }
+  return with_time(y, iters, ms);
+}
+
+// Device-to-device copy of nbytes, for the benchmarks' bandwidth peer: milliseconds per copy.
+float memcpy_ms(int64_t n_bytes, int iters) {
+  if (n_bytes <= 0 || iters <= 0) throw py::value_error("n_bytes and iters must be positive");
+  require_device();
+  py::gil_scoped_release release;
+  const DeviceBuffer src(static_cast<size_t>(n_bytes)), dst(static_cast<size_t>(n_bytes));
+  auto launch = [&] {
+    return lme::cuda_copy_device_to_device(dst.as<void>(), src.as<void>(), n_bytes);
+  };
+  check_status(launch());
+  return time_launches(launch, iters);
+}
+
+}  // namespace
+
+void bind_cuda(py::module_& m) {
+  py::module_ cuda = m.def_submodule("cuda", "CUDA kernel entry points for tests and benchmarks.");
+  cuda.def("available", &cuda_device_available, "True if a CUDA device is usable now.");
+  cuda.def("device_count", &lmengine_cuda_device_count);
+  cuda.def(
+      "gemv_supports",
+      [](int64_t t) {
+        return t >= INT32_MIN && t <= INT32_MAX && lme::cuda_gemv_supports(int32_t(t));
+      },
+      py::arg("ggml_type"));
+  cuda.def("rmsnorm", &rmsnorm, py::arg("x"), py::arg("w"), py::arg("eps"), py::arg("iters") = 0,
+           "rmsnorm(x: float32[rows, n], w: float32[n], eps, iters=0) -> float32[rows, n]");
+  cuda.def("rope", &rope, py::arg("x"), py::arg("positions"), py::arg("inv_freq"),
+           py::arg("n_heads"), py::arg("interleaved"), py::arg("iters") = 0,
+           "rope(x: float32[T, width], positions: int32[T], inv_freq: float32[head_dim/2],"
+           " n_heads, interleaved, iters=0) -> float32[T, width]: the first n_heads * head_dim"
+           " columns rotated, the rest copied.");
+  cuda.def(
+      "attention_decode", &attention_decode, py::arg("q"), py::arg("k_pool"), py::arg("v_pool"),
+      py::arg("page_table"), py::arg("seq_lens"), py::arg("layer"), py::arg("scale"),
+      py::arg("sliding_window") = 0, py::arg("split_tokens") = 0, py::arg("iters") = 0,
+      "attention_decode(q: float32[S, Hq, D], k_pool, v_pool: [pages, layers, Hkv, page_size, D]"
+      " of float32 | float16 | uint16 (bf16 bits), page_table: int32[S, max_pages],"
+      " seq_lens: int32[S], layer, scale, sliding_window=0, split_tokens=0 (auto), iters=0)"
+      " -> float32[S, Hq, D]");
+  cuda.def("gemv", &gemv, py::arg("ggml_type"), py::arg("weights"), py::arg("k"), py::arg("x"),
+           py::arg("iters") = 0,
+           "gemv(ggml_type, weights: uint8[rows, row_bytes], k, x: float32[T, k], iters=0)"
+           " -> float32[T, rows]");
+  cuda.def("memcpy_ms", &memcpy_ms, py::arg("n_bytes"), py::arg("iters"),
+           "Milliseconds per device-to-device copy of n_bytes (reads and writes n_bytes each).");
+}
+
+#else  // !LMENGINE_WITH_CUDA
+
+void bind_cuda(py::module_& m) {
+  py::module_ cuda = m.def_submodule("cuda", "Built without CUDA: no kernels.");
+  cuda.def("available", []() { return false; }, "Always False: this build has no CUDA kernels.");
+}
+
+#endif

@@ -1,0 +1,250 @@
+// Binding for lme::Engine: builds the model from Python-owned (memory-mapped) tensors, validates
+// every shape and pointer before the core sees it, and runs steps with the GIL released.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "errors.h"
+#include "lmengine/model.h"
+
+namespace py = pybind11;
+using lme_py::raise_error;
+using lme_py::raise_if_error;
+
+namespace {
+
+template <typename T>
+T cfg_get(const py::dict& cfg, const char* key) {
+  if (!cfg.contains(key)) raise_error("InvalidRequestError", std::string("model config is missing '") + key + "'");
+  try {
+    return cfg[key].cast<T>();
+  } catch (const py::cast_error&) {
+    raise_error("InvalidRequestError", std::string("model config field '") + key + "' has the wrong type");
+  }
+}
+
+template <typename T>
+T cfg_get_or(const py::dict& cfg, const char* key, T fallback) {
+  return cfg.contains(key) && !cfg[key].is_none() ? cfg_get<T>(cfg, key) : fallback;
+}
+
+class PyEngine {
+ public:
+  PyEngine(const py::dict& cfg, const py::dict& tensors, int64_t kv_pages, int32_t page_size,
+           const std::string& kv_dtype, int n_threads) {
+    lme::ModelConfig c;
+    c.n_layers = cfg_get<int32_t>(cfg, "n_layers");
+    c.d_model = cfg_get<int32_t>(cfg, "d_model");
+    c.n_heads = cfg_get<int32_t>(cfg, "n_heads");
+    c.n_kv_heads = cfg_get<int32_t>(cfg, "n_kv_heads");
+    c.head_dim = cfg_get<int32_t>(cfg, "head_dim");
+    c.d_ff = cfg_get<int32_t>(cfg, "d_ff");
+    c.vocab_size = cfg_get<int32_t>(cfg, "vocab_size");
+    c.max_context = cfg_get<int64_t>(cfg, "max_context");
+    c.rms_eps = cfg_get<float>(cfg, "rms_eps");
+    c.attn_scale = cfg_get_or<float>(cfg, "attn_scale", 0.f);
+    c.rope_interleaved = cfg_get<bool>(cfg, "rope_interleaved");
+    c.rope_inv_freq = cfg_get<std::vector<float>>(cfg, "rope_inv_freq");
+    c.sliding_window = cfg_get_or<int32_t>(cfg, "sliding_window", 0);
+    c.qkv_bias = cfg_get_or<bool>(cfg, "qkv_bias", false);
+    c.activation_bits = cfg_get_or<int32_t>(cfg, "activation_bits", 16);
+    if (c.activation_bits != 8 && c.activation_bits != 16) {
+      raise_error("InvalidRequestError", "activation_bits must be 8 or 16");
+    }
+    if (c.n_layers <= 0 || c.n_layers > 4096) raise_error("InvalidRequestError", "n_layers out of range");
+
+    lme::ModelWeights w;
+    w.layers.resize(c.n_layers);
+    std::set<std::string> used;
+    auto get = [&](const std::string& name, bool required) -> lme::WeightTensor {
+      used.insert(name);
+      if (!tensors.contains(name)) {
+        if (required) raise_error("ModelFileError", "model is missing tensor '" + name + "'");
+        return {};
+      }
+      py::tuple item;
+      try {
+        item = tensors[name.c_str()].cast<py::tuple>();
+      } catch (const py::cast_error&) {
+        raise_error("InvalidRequestError", "tensor '" + name + "' must be (ggml_type, array, rows, cols)");
+      }
+      if (item.size() != 4) raise_error("InvalidRequestError", "tensor '" + name + "' must be (ggml_type, array, rows, cols)");
+      const int32_t type = item[0].cast<int32_t>();
+      if (!lme::dtype_is_supported(type)) {
+        raise_error("UnsupportedModelError",
+                    "tensor '" + name + "' has unsupported type id " + std::to_string(type));
+      }
+      py::array arr = py::array::ensure(item[1]);
+      if (!arr || !(arr.flags() & py::array::c_style)) {
+        raise_error("InvalidRequestError", "tensor '" + name + "' must be a C-contiguous array");
+      }
+      lme::WeightTensor t;
+      t.type = static_cast<lme::DType>(type);
+      t.rows = item[2].cast<int64_t>();
+      t.cols = item[3].cast<int64_t>();
+      if (t.rows <= 0 || t.cols <= 0 || t.cols % lme::dtype_block_size(t.type) != 0) {
+        raise_error("ModelFileError", "tensor '" + name + "' has an invalid shape for its type " +
+                                          lme::dtype_name(t.type));
+      }
+      const int64_t expect = t.rows * lme::dtype_row_bytes(t.type, t.cols);
+      if (static_cast<int64_t>(arr.nbytes()) != expect) {
+        raise_error("ModelFileError", "tensor '" + name + "' holds " + std::to_string(arr.nbytes()) +
+                                          " bytes, its shape and type need " + std::to_string(expect));
+      }
+      t.data = static_cast<const uint8_t*>(arr.data());
+      keepalive_.append(arr);
+      return t;
+    };
+    w.tok_embd = get("token_embd", true);
+    w.out_norm = get("output_norm", true);
+    w.lm_head = tensors.contains("output") ? get("output", true) : w.tok_embd;
+    for (int32_t l = 0; l < c.n_layers; ++l) {
+      const std::string p = "blk." + std::to_string(l) + ".";
+      lme::LayerWeights& L = w.layers[l];
+      L.attn_norm = get(p + "attn_norm", true);
+      L.wq = get(p + "attn_q", true);
+      L.wk = get(p + "attn_k", true);
+      L.wv = get(p + "attn_v", true);
+      L.wo = get(p + "attn_output", true);
+      L.bq = get(p + "attn_q.bias", c.qkv_bias);
+      L.bk = get(p + "attn_k.bias", c.qkv_bias);
+      L.bv = get(p + "attn_v.bias", c.qkv_bias);
+      L.ffn_norm = get(p + "ffn_norm", true);
+      L.w_gate = get(p + "ffn_gate", true);
+      L.w_up = get(p + "ffn_up", true);
+      L.w_down = get(p + "ffn_down", true);
+    }
+    for (auto item : tensors) {
+      const std::string name = py::str(item.first);
+      if (used.count(name) == 0) {
+        raise_error("UnsupportedModelError", "tensor '" + name + "' has no place in the " +
+                                                 "Llama-family core (unsupported architecture feature)");
+      }
+    }
+    raise_if_error(lme::validate_model(c, w));
+
+    if (page_size <= 0 || page_size > 4096) raise_error("InvalidRequestError", "page_size must be in [1, 4096]");
+    if (kv_pages <= 0) raise_error("InvalidRequestError", "the KV cache needs at least one page");
+    if (n_threads <= 0 || n_threads > 1024) raise_error("InvalidRequestError", "n_threads must be in [1, 1024]");
+    lme::KVCacheConfig kc;
+    kc.n_layers = c.n_layers;
+    kc.n_kv_heads = c.n_kv_heads;
+    kc.head_dim = c.head_dim;
+    kc.page_size = page_size;
+    kc.n_pages = kv_pages;
+    if (kv_dtype == "f32") {
+      kc.dtype = lme::KVDType::F32;
+    } else if (kv_dtype == "f16") {
+      kc.dtype = lme::KVDType::F16;
+    } else if (kv_dtype == "bf16") {
+      kc.dtype = lme::KVDType::BF16;
+    } else {
+      raise_error("InvalidRequestError", "kv_dtype must be 'f32', 'f16' or 'bf16', got '" + kv_dtype + "'");
+    }
+    vocab_ = c.vocab_size;
+    engine_ = std::make_unique<lme::Engine>(std::move(c), std::move(w), kc, n_threads);
+  }
+
+  int32_t seq_create() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return engine_->kv().seq_create();
+  }
+  void seq_free(int32_t seq) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    raise_if_error(engine_->kv().seq_free(seq));
+  }
+  int64_t seq_length(int32_t seq) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    check_seq(seq);
+    return engine_->kv().seq_length(seq);
+  }
+  void seq_truncate(int32_t seq, int64_t length) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    raise_if_error(engine_->kv().seq_truncate(seq, length));
+  }
+
+  py::array_t<float> step(const std::vector<int32_t>& seq_ids, const py::list& tokens,
+                          const std::vector<bool>& all_logits) {
+    if (seq_ids.size() != tokens.size() || seq_ids.size() != all_logits.size()) {
+      raise_error("InvalidRequestError", "seq_ids, tokens and all_logits must have the same length");
+    }
+    std::vector<py::array_t<int32_t, py::array::c_style | py::array::forcecast>> arrays;
+    std::vector<lme::StepSequence> batch(seq_ids.size());
+    arrays.reserve(seq_ids.size());
+    for (size_t i = 0; i < seq_ids.size(); ++i) {
+      py::array_t<int32_t, py::array::c_style | py::array::forcecast> a;
+      try {
+        a = py::array_t<int32_t, py::array::c_style | py::array::forcecast>::ensure(tokens[i]);
+      } catch (const py::error_already_set&) {
+        a = {};
+      }
+      if (!a || a.ndim() != 1) raise_error("InvalidRequestError", "tokens must be 1-D integer arrays");
+      if (a.size() > (int64_t(1) << 30)) raise_error("InvalidRequestError", "token chunk too long");
+      batch[i].seq = seq_ids[i];
+      batch[i].tokens = a.data();
+      batch[i].n_tokens = static_cast<int32_t>(a.size());
+      batch[i].all_logits = all_logits[i];
+      arrays.push_back(std::move(a));
+    }
+    const int64_t rows = lme::Engine::output_rows(batch);
+    py::array_t<float> out({rows, static_cast<int64_t>(vocab_)});
+    float* dst = out.mutable_data();
+    lme::Status s;
+    {
+      py::gil_scoped_release release;
+      std::lock_guard<std::mutex> lock(mutex_);
+      s = engine_->step(batch, dst);
+    }
+    raise_if_error(s);
+    return out;
+  }
+
+  int64_t free_pages() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return engine_->kv().free_pages();
+  }
+  int64_t total_pages() const { return engine_->kv().total_pages(); }
+  int32_t page_size() const { return engine_->kv().config().page_size; }
+  int n_threads() const { return engine_->n_threads(); }
+  int64_t active_sequences() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return engine_->kv().n_active_seqs();
+  }
+
+ private:
+  void check_seq(int32_t seq) {
+    if (!engine_->kv().seq_valid(seq)) raise_error("InvalidRequestError", "unknown sequence id " + std::to_string(seq));
+  }
+
+  std::unique_ptr<lme::Engine> engine_;
+  py::list keepalive_;  // the arrays whose memory the core reads
+  int32_t vocab_ = 0;
+  std::mutex mutex_;
+};
+
+}  // namespace
+
+void bind_engine(py::module_& m) {
+  py::class_<PyEngine>(m, "Engine")
+      .def(py::init<const py::dict&, const py::dict&, int64_t, int32_t, const std::string&, int>(),
+           py::arg("config"), py::arg("tensors"), py::arg("kv_pages"), py::arg("page_size") = 16,
+           py::arg("kv_dtype") = "f32", py::arg("n_threads") = 1)
+      .def("seq_create", &PyEngine::seq_create)
+      .def("seq_free", &PyEngine::seq_free)
+      .def("seq_length", &PyEngine::seq_length)
+      .def("seq_truncate", &PyEngine::seq_truncate)
+      .def("step", &PyEngine::step, py::arg("seq_ids"), py::arg("tokens"), py::arg("all_logits"),
+           "Appends each tokens[i] to sequence seq_ids[i] and returns logits, float32 "
+           "[rows, vocab]: every new position where all_logits[i], else the last one.")
+      .def_property_readonly("free_pages", &PyEngine::free_pages)
+      .def_property_readonly("total_pages", &PyEngine::total_pages)
+      .def_property_readonly("page_size", &PyEngine::page_size)
+      .def_property_readonly("n_threads", &PyEngine::n_threads)
+      .def_property_readonly("active_sequences", &PyEngine::active_sequences);
+}

@@ -1,0 +1,83 @@
+// Paged KV cache: one pool of fixed-size pages allocated at start-up, handed to sequences
+// through per-sequence page tables. A page holds `page_size` consecutive positions of one
+// sequence for every layer and KV head, so freeing a sequence returns whole pages and the page
+// is the unit block-sparse attention selects.
+//
+// Layout of the K (and, separately, V) pool, innermost last:
+//   [page][layer][kv_head][slot in page][head_dim]
+// so one (page, layer, head) block is page_size * head_dim contiguous elements.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "lmengine/status.h"
+
+namespace lme {
+
+enum class KVDType : int32_t { F32 = 0, F16 = 1, BF16 = 2 };
+
+int64_t kv_dtype_bytes(KVDType t);
+
+struct KVCacheConfig {
+  int32_t n_layers = 0;
+  int32_t n_kv_heads = 0;
+  int32_t head_dim = 0;
+  int32_t page_size = 16;
+  int64_t n_pages = 0;
+  KVDType dtype = KVDType::F32;
+};
+
+class KVCache {
+ public:
+  explicit KVCache(const KVCacheConfig& config);
+
+  const KVCacheConfig& config() const { return config_; }
+  int64_t free_pages() const { return static_cast<int64_t>(free_list_.size()); }
+  int64_t total_pages() const { return config_.n_pages; }
+  int64_t pages_for(int64_t n_tokens) const {
+    return (n_tokens + config_.page_size - 1) / config_.page_size;
+  }
+
+  int32_t seq_create();
+  Status seq_free(int32_t seq);
+  bool seq_valid(int32_t seq) const;
+  int64_t seq_length(int32_t seq) const { return seqs_[seq].length; }
+  const std::vector<int32_t>& seq_pages(int32_t seq) const { return seqs_[seq].pages; }
+  // Makes room for new_length positions (allocating pages), without changing the length.
+  Status seq_reserve(int32_t seq, int64_t new_length);
+  void seq_set_length(int32_t seq, int64_t length) { seqs_[seq].length = length; }
+  // Drops positions >= length and returns pages no longer needed.
+  Status seq_truncate(int32_t seq, int64_t length);
+  int64_t n_active_seqs() const;
+
+  // Start of the (page, layer, head) block in the K or V pool, as raw bytes.
+  uint8_t* k_block(int32_t page, int32_t layer, int32_t head) {
+    return k_pool_.data() + block_offset(page, layer, head);
+  }
+  uint8_t* v_block(int32_t page, int32_t layer, int32_t head) {
+    return v_pool_.data() + block_offset(page, layer, head);
+  }
+  int64_t block_bytes() const { return block_elems_ * kv_dtype_bytes(config_.dtype); }
+
+ private:
+  struct SeqState {
+    std::vector<int32_t> pages;
+    int64_t length = 0;
+    bool active = false;
+  };
+  int64_t block_offset(int32_t page, int32_t layer, int32_t head) const {
+    return ((static_cast<int64_t>(page) * config_.n_layers + layer) * config_.n_kv_heads + head) *
+           block_bytes();
+  }
+
+  KVCacheConfig config_;
+  int64_t block_elems_;
+  std::vector<uint8_t> k_pool_;
+  std::vector<uint8_t> v_pool_;
+  std::vector<int32_t> free_list_;
+  std::vector<SeqState> seqs_;
+  std::vector<int32_t> free_seq_ids_;
+};
+
+}  // namespace lme

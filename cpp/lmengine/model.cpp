@@ -1,0 +1,506 @@
+#include "lmengine/model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <unordered_set>
+
+#include "lmengine/ops.h"
+
+namespace lme {
+
+namespace {
+
+constexpr int64_t kMaxRowsPerChunk = 32;
+
+std::string shape_str(int64_t rows, int64_t cols) {
+  return "[" + std::to_string(rows) + ", " + std::to_string(cols) + "]";
+}
+
+Status check_tensor(const WeightTensor& t, const char* name, int64_t rows, int64_t cols,
+                    bool float_only) {
+  if (t.data == nullptr) return Status::Error(StatusCode::kBadModel, std::string("missing tensor ") + name);
+  if (!dtype_is_supported(static_cast<int32_t>(t.type))) {
+    return Status::Error(StatusCode::kUnsupported, std::string("tensor ") + name + " has unsupported type " +
+                                                       std::to_string(static_cast<int>(t.type)));
+  }
+  if (float_only && t.type != DType::F32) {
+    return Status::Error(StatusCode::kBadModel, std::string("tensor ") + name + " must be F32");
+  }
+  if (t.rows != rows || t.cols != cols) {
+    return Status::Error(StatusCode::kBadModel, std::string("tensor ") + name + " has shape " +
+                                                           shape_str(t.rows, t.cols) + ", expected " +
+                                                           shape_str(rows, cols));
+  }
+  if (cols % dtype_block_size(t.type) != 0) {
+    return Status::Error(StatusCode::kBadModel,
+                         std::string("tensor ") + name + ": row length " + std::to_string(cols) +
+                             " is not a multiple of the " + dtype_name(t.type) + " block size");
+  }
+  return Status::Ok();
+}
+
+int64_t row_bytes(const WeightTensor& w) { return dtype_row_bytes(w.type, w.cols); }
+
+}  // namespace
+
+Status validate_model(const ModelConfig& c, const ModelWeights& w) {
+  if (c.n_layers <= 0 || c.d_model <= 0 || c.n_heads <= 0 || c.n_kv_heads <= 0 || c.head_dim <= 0 ||
+      c.d_ff <= 0 || c.vocab_size <= 0 || c.max_context <= 0) {
+    return Status::Error(StatusCode::kBadModel, "model config has a non-positive dimension");
+  }
+  if (c.n_heads % c.n_kv_heads != 0) {
+    return Status::Error(StatusCode::kBadModel, "n_heads must be a multiple of n_kv_heads");
+  }
+  if (c.head_dim % 2 != 0 || static_cast<int32_t>(c.rope_inv_freq.size()) != c.head_dim / 2) {
+    return Status::Error(StatusCode::kBadModel, "rope_inv_freq must have head_dim/2 entries");
+  }
+  if (static_cast<int32_t>(w.layers.size()) != c.n_layers) {
+    return Status::Error(StatusCode::kBadModel, "number of layer weight sets != n_layers");
+  }
+  const int64_t d = c.d_model, q_dim = int64_t(c.n_heads) * c.head_dim,
+                kv_dim = int64_t(c.n_kv_heads) * c.head_dim;
+  Status s;
+  if (!(s = check_tensor(w.tok_embd, "token_embd", c.vocab_size, d, false)).ok()) return s;
+  if (!(s = check_tensor(w.out_norm, "output_norm", 1, d, true)).ok()) return s;
+  if (!(s = check_tensor(w.lm_head, "output", c.vocab_size, d, false)).ok()) return s;
+  for (int32_t l = 0; l < c.n_layers; ++l) {
+    const LayerWeights& L = w.layers[l];
+    const std::string p = "blk." + std::to_string(l) + ".";
+    struct Item { const WeightTensor* t; std::string name; int64_t rows, cols; bool f32; };
+    std::vector<Item> items = {
+        {&L.attn_norm, p + "attn_norm", 1, d, true},  {&L.wq, p + "attn_q", q_dim, d, false},
+        {&L.wk, p + "attn_k", kv_dim, d, false},      {&L.wv, p + "attn_v", kv_dim, d, false},
+        {&L.wo, p + "attn_output", d, q_dim, false},  {&L.ffn_norm, p + "ffn_norm", 1, d, true},
+        {&L.w_gate, p + "ffn_gate", c.d_ff, d, false}, {&L.w_up, p + "ffn_up", c.d_ff, d, false},
+        {&L.w_down, p + "ffn_down", d, c.d_ff, false}};
+    if (c.qkv_bias) {
+      items.push_back({&L.bq, p + "attn_q.bias", 1, q_dim, true});
+      items.push_back({&L.bk, p + "attn_k.bias", 1, kv_dim, true});
+      items.push_back({&L.bv, p + "attn_v.bias", 1, kv_dim, true});
+    }
+    for (const Item& it : items) {
+      if (!(s = check_tensor(*it.t, it.name.c_str(), it.rows, it.cols, it.f32)).ok()) return s;
+    }
+  }
+  return Status::Ok();
+}
+
+// Per-step working memory, grown on demand and reused: steady-state steps allocate nothing.
+struct Engine::Scratch {
+  int64_t cap_tokens = 0, cap_out = 0, cap_ctx = 0;
+  std::vector<float> x, xn, q, k, v, attn, gate, up, proj;
+  std::vector<uint8_t> act[3];  // activations converted for up to 3 weight types at once
+  int64_t act_slot_bytes = 0;
+  std::vector<int32_t> tok_pos, tok_seq, tok_id;
+  std::vector<int64_t> out_tok;
+  std::vector<float> rope_cos, rope_sin;  // [token][head_dim/2]
+  std::vector<float> scores;              // [thread][group][ctx]
+  std::vector<float> kv_tmp;              // [thread][2][page_size*head_dim]
+  std::vector<float> row_tmp;             // [thread][widest row]: residual quantization
+  std::vector<float> mm_tmp;              // [thread][2*tokens][rows per chunk]: two-level products
+  int64_t row_tmp_len = 0, mm_tmp_len = 0;
+};
+
+Engine::Engine(ModelConfig config, ModelWeights weights, const KVCacheConfig& kv_config, int n_threads)
+    : config_(std::move(config)),
+      weights_(std::move(weights)),
+      kv_(kv_config),
+      pool_(n_threads),
+      scratch_(new Scratch) {
+  if (config_.attn_scale <= 0.f) config_.attn_scale = 1.0f / std::sqrt(static_cast<float>(config_.head_dim));
+}
+
+Engine::~Engine() = default;
+
+int64_t Engine::output_rows(const std::vector<StepSequence>& batch) {
+  int64_t n = 0;
+  for (const auto& s : batch) n += s.all_logits ? s.n_tokens : 1;
+  return n;
+}
+
+void Engine::ensure_scratch(int64_t n_tokens, int64_t n_out, int64_t max_ctx) {
+  Scratch& S = *scratch_;
+  const ModelConfig& c = config_;
+  if (n_tokens > S.cap_tokens) {
+    S.cap_tokens = std::max<int64_t>(n_tokens, 8);
+    const int64_t T = S.cap_tokens;
+    const int64_t q_dim = int64_t(c.n_heads) * c.head_dim, kv_dim = int64_t(c.n_kv_heads) * c.head_dim;
+    S.x.assign(T * c.d_model, 0.f);
+    S.xn.assign(T * std::max<int64_t>(c.d_model, q_dim), 0.f);
+    S.q.assign(T * q_dim, 0.f);
+    S.k.assign(T * kv_dim, 0.f);
+    S.v.assign(T * kv_dim, 0.f);
+    S.attn.assign(T * q_dim, 0.f);
+    S.gate.assign(T * c.d_ff, 0.f);
+    S.up.assign(T * c.d_ff, 0.f);
+    S.proj.assign(T * c.d_model, 0.f);
+    S.tok_pos.assign(T, 0);
+    S.tok_seq.assign(T, 0);
+    S.tok_id.assign(T, 0);
+    S.rope_cos.assign(T * (c.head_dim / 2), 0.f);
+    S.rope_sin.assign(T * (c.head_dim / 2), 0.f);
+    // Largest activation row over every weight type and input width the model uses.
+    int64_t widest = 0;
+    auto consider = [&](const WeightTensor& w) { widest = std::max(widest, activation_row_bytes(w.type, w.cols)); };
+    consider(weights_.lm_head);
+    for (const auto& L : weights_.layers) {
+      for (const WeightTensor* w : {&L.wq, &L.wk, &L.wv, &L.wo, &L.w_gate, &L.w_up, &L.w_down}) consider(*w);
+    }
+    S.act_slot_bytes = (widest + 63) / 64 * 64;
+    for (auto& a : S.act) a.assign(2 * T * S.act_slot_bytes, 0);
+    S.row_tmp_len = std::max<int64_t>({c.d_model, c.d_ff, int64_t(c.n_heads) * c.head_dim});
+    S.row_tmp.assign(pool_.size() * S.row_tmp_len, 0.f);
+    S.mm_tmp_len = 2 * T * kMaxRowsPerChunk;
+    S.mm_tmp.assign(pool_.size() * S.mm_tmp_len, 0.f);
+  }
+  if (n_out > S.cap_out) {
+    S.cap_out = n_out;
+    S.out_tok.assign(n_out, 0);
+  }
+  if (max_ctx > S.cap_ctx) {
+    S.cap_ctx = std::max<int64_t>(max_ctx, 256);
+    const int64_t g = c.n_heads / c.n_kv_heads;
+    S.scores.assign(int64_t(pool_.size()) * g * S.cap_ctx, 0.f);
+    S.kv_tmp.assign(int64_t(pool_.size()) * 2 * kv_.config().page_size * c.head_dim, 0.f);
+  }
+}
+
+Status Engine::step(const std::vector<StepSequence>& batch, float* logits) {
+  const ModelConfig& c = config_;
+  if (batch.empty()) return Status::Error(StatusCode::kInvalidArgument, "empty batch");
+  std::unordered_set<int32_t> seen;
+  int64_t n_tokens = 0, max_ctx = 0, pages_needed = 0;
+  for (const auto& s : batch) {
+    if (!kv_.seq_valid(s.seq)) {
+      return Status::Error(StatusCode::kInvalidArgument, "unknown sequence id " + std::to_string(s.seq));
+    }
+    if (!seen.insert(s.seq).second) {
+      return Status::Error(StatusCode::kInvalidArgument,
+                           "sequence " + std::to_string(s.seq) + " appears twice in one step");
+    }
+    if (s.n_tokens <= 0 || s.tokens == nullptr) {
+      return Status::Error(StatusCode::kInvalidArgument, "sequence " + std::to_string(s.seq) + " has no tokens");
+    }
+    for (int32_t i = 0; i < s.n_tokens; ++i) {
+      if (s.tokens[i] < 0 || s.tokens[i] >= c.vocab_size) {
+        return Status::Error(StatusCode::kInvalidArgument,
+                             "token id " + std::to_string(s.tokens[i]) + " out of range [0, " +
+                                 std::to_string(c.vocab_size) + ")");
+      }
+    }
+    const int64_t new_len = kv_.seq_length(s.seq) + s.n_tokens;
+    if (new_len > c.max_context) {
+      return Status::Error(StatusCode::kContextOverflow,
+                           "sequence " + std::to_string(s.seq) + " would reach " + std::to_string(new_len) +
+                               " tokens, beyond the context of " + std::to_string(c.max_context));
+    }
+    pages_needed += kv_.pages_for(new_len) - static_cast<int64_t>(kv_.seq_pages(s.seq).size());
+    n_tokens += s.n_tokens;
+    max_ctx = std::max(max_ctx, new_len);
+  }
+  if (pages_needed > kv_.free_pages()) {
+    return Status::Error(StatusCode::kOutOfPages,
+                         "KV cache full: step needs " + std::to_string(pages_needed) + " more pages, " +
+                             std::to_string(kv_.free_pages()) + " of " + std::to_string(kv_.total_pages()) +
+                             " are free");
+  }
+  for (const auto& s : batch) {
+    Status st = kv_.seq_reserve(s.seq, kv_.seq_length(s.seq) + s.n_tokens);
+    if (!st.ok()) return st;  // cannot happen after the check above
+  }
+
+  ensure_scratch(n_tokens, output_rows(batch), max_ctx);
+  Scratch& S = *scratch_;
+  int64_t t = 0, o = 0;
+  const int32_t half = c.head_dim / 2;
+  for (int32_t b = 0; b < static_cast<int32_t>(batch.size()); ++b) {
+    const auto& s = batch[b];
+    const int64_t start = kv_.seq_length(s.seq);
+    for (int32_t i = 0; i < s.n_tokens; ++i, ++t) {
+      S.tok_pos[t] = static_cast<int32_t>(start + i);
+      S.tok_seq[t] = b;
+      S.tok_id[t] = s.tokens[i];
+      const float pos = static_cast<float>(start + i);
+      for (int32_t j = 0; j < half; ++j) {
+        const float angle = pos * c.rope_inv_freq[j];
+        S.rope_cos[t * half + j] = std::cos(angle);
+        S.rope_sin[t * half + j] = std::sin(angle);
+      }
+      if (s.all_logits || i == s.n_tokens - 1) S.out_tok[o++] = t;
+    }
+  }
+  pool_.run([&](int tid, int nth) {
+    ParallelContext pc(pool_, tid, nth);
+    forward(pc, batch, logits);
+  });
+  for (const auto& s : batch) kv_.seq_set_length(s.seq, kv_.seq_length(s.seq) + s.n_tokens);
+  return Status::Ok();
+}
+
+namespace {
+
+struct MatmulJob {
+  const WeightTensor* w;
+  const uint8_t* x;  // activation rows prepared for w->type (see prepare_activation)
+  float* y;
+  int64_t ldy;
+};
+
+// Assigns each distinct weight type of a group to an activation slot.
+int act_slot(const DType* types, int n, DType t) {
+  for (int i = 0; i < n; ++i) {
+    if (types[i] == t) return i;
+  }
+  return 0;
+}
+
+bool two_level(const ModelConfig& c, DType t) { return c.activation_bits > 8 && activation_is_quantized(t); }
+
+}  // namespace
+
+void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch, float* logits) {
+  const ModelConfig& c = config_;
+  Scratch& S = *scratch_;
+  const int64_t T = [&] {
+    int64_t n = 0;
+    for (const auto& s : batch) n += s.n_tokens;
+    return n;
+  }();
+  const int64_t d = c.d_model, hd = c.head_dim, half = hd / 2;
+  const int64_t q_dim = int64_t(c.n_heads) * hd, kv_dim = int64_t(c.n_kv_heads) * hd;
+  const int64_t group = c.n_heads / c.n_kv_heads;
+  const int64_t xs = S.act_slot_bytes;
+  const int32_t kv_dtype = static_cast<int32_t>(kv_.config().dtype);
+  const int64_t page_size = kv_.config().page_size;
+
+  // Activation rows of token t for weight type ty: one row at base + t*xs, or with two-level
+  // activations the value row at base + 2t*xs followed by its residual row.
+  auto prepare = [&](DType ty, const float* x, uint8_t* base, int64_t t, int64_t k) {
+    if (two_level(c, ty)) {
+      float* tmp = &S.row_tmp[int64_t(pc.tid()) * S.row_tmp_len];
+      quantize_activation_row_residual(ty, x, base + 2 * t * xs, base + (2 * t + 1) * xs, tmp, k);
+    } else {
+      quantize_activation_row(ty, x, base + t * xs, k);
+    }
+  };
+
+  // One barrier-delimited op computing several independent products (e.g. Q, K and V).
+  auto run_matmuls = [&](const MatmulJob* jobs, int n_jobs, int64_t n_tok) {
+    // Rows per chunk: small enough that both threads stay busy at one token, large enough that
+    // prefill amortises the activation reads.
+    const int64_t rows_per_chunk = n_tok <= 4 ? kMaxRowsPerChunk : 16;
+    int64_t first_chunk[4] = {0, 0, 0, 0};
+    int64_t total = 0;
+    for (int j = 0; j < n_jobs; ++j) {
+      first_chunk[j] = total;
+      total += (jobs[j].w->rows + rows_per_chunk - 1) / rows_per_chunk;
+    }
+    pc.for_chunks(total, 1, [&](int64_t c0, int64_t) {
+      int j = n_jobs - 1;
+      while (c0 < first_chunk[j]) --j;
+      const MatmulJob& job = jobs[j];
+      const WeightTensor& w = *job.w;
+      const int64_t r0 = (c0 - first_chunk[j]) * rows_per_chunk;
+      const int64_t nr = std::min(rows_per_chunk, w.rows - r0);
+      const int64_t rb = row_bytes(w);
+      if (!two_level(c, w.type)) {
+        matmul_rows(w.type, w.cols, w.data + r0 * rb, rb, nr, job.x, xs, n_tok, job.y + r0, job.ldy);
+        return;
+      }
+      // Value and residual rows go through as 2*n_tok tokens of one tile (weights read once).
+      float* tmp = &S.mm_tmp[int64_t(pc.tid()) * S.mm_tmp_len];
+      matmul_rows(w.type, w.cols, w.data + r0 * rb, rb, nr, job.x, xs, 2 * n_tok, tmp, nr);
+      for (int64_t t = 0; t < n_tok; ++t) {
+        const float* hi = tmp + 2 * t * nr;
+        const float* lo = hi + nr;
+        float* y = job.y + t * job.ldy + r0;
+        for (int64_t r = 0; r < nr; ++r) y[r] = hi[r] + lo[r];
+      }
+    });
+  };
+
+  // Embedding lookup: dequantize the rows of the token ids.
+  const int64_t emb_rb = row_bytes(weights_.tok_embd);
+  pc.for_chunks(T, 4, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      dequantize_row(weights_.tok_embd.type, weights_.tok_embd.data + S.tok_id[t] * emb_rb, &S.x[t * d], d);
+    }
+  });
+
+  // Normalises rows of x (optionally after adding `residual`) and converts them for each weight
+  // type of the next group of products.
+  auto norm_and_prepare = [&](const WeightTensor& norm, const float* residual, const DType* types, int n_types,
+                              int64_t k) {
+    pc.for_chunks(T, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        float* xr = &S.x[t * d];
+        if (residual != nullptr) {
+          const float* rr = residual + t * d;
+          for (int64_t i = 0; i < d; ++i) xr[i] += rr[i];
+        }
+        float* xn = &S.xn[t * d];
+        rmsnorm_row(xr, norm.f32(), xn, d, c.rms_eps);
+        for (int i = 0; i < n_types; ++i) {
+          prepare(types[i], xn, S.act[i].data(), t, k);
+        }
+      }
+    });
+  };
+
+  for (int32_t l = 0; l < c.n_layers; ++l) {
+    const LayerWeights& L = weights_.layers[l];
+
+    // Attention block: x += Wo · attn(rope(Wq xn), rope(Wk xn), Wv xn)
+    DType qkv_types[3];
+    int n_qkv_types = 0;
+    for (DType ty : {L.wq.type, L.wk.type, L.wv.type}) {
+      if (std::find(qkv_types, qkv_types + n_qkv_types, ty) == qkv_types + n_qkv_types) {
+        qkv_types[n_qkv_types++] = ty;
+      }
+    }
+    norm_and_prepare(L.attn_norm, l == 0 ? nullptr : S.proj.data(), qkv_types, n_qkv_types, d);
+    MatmulJob qkv[3] = {
+        {&L.wq, S.act[act_slot(qkv_types, n_qkv_types, L.wq.type)].data(), S.q.data(), q_dim},
+        {&L.wk, S.act[act_slot(qkv_types, n_qkv_types, L.wk.type)].data(), S.k.data(), kv_dim},
+        {&L.wv, S.act[act_slot(qkv_types, n_qkv_types, L.wv.type)].data(), S.v.data(), kv_dim},
+    };
+    run_matmuls(qkv, 3, T);
+
+    // Bias, RoPE, and the new K/V into their pages.
+    pc.for_chunks(T, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        float* qr = &S.q[t * q_dim];
+        float* kr = &S.k[t * kv_dim];
+        float* vr = &S.v[t * kv_dim];
+        if (c.qkv_bias) {
+          for (int64_t i = 0; i < q_dim; ++i) qr[i] += L.bq.f32()[i];
+          for (int64_t i = 0; i < kv_dim; ++i) kr[i] += L.bk.f32()[i];
+          for (int64_t i = 0; i < kv_dim; ++i) vr[i] += L.bv.f32()[i];
+        }
+        const float* cs = &S.rope_cos[t * half];
+        const float* sn = &S.rope_sin[t * half];
+        for (int32_t h = 0; h < c.n_heads; ++h) rope_row(qr + h * hd, cs, sn, hd, c.rope_interleaved);
+        for (int32_t h = 0; h < c.n_kv_heads; ++h) rope_row(kr + h * hd, cs, sn, hd, c.rope_interleaved);
+        const int32_t seq = batch[S.tok_seq[t]].seq;
+        const int64_t pos = S.tok_pos[t];
+        const int32_t page = kv_.seq_pages(seq)[pos / page_size];
+        const int64_t slot = pos % page_size;
+        const int64_t eb = kv_dtype_bytes(kv_.config().dtype);
+        for (int32_t h = 0; h < c.n_kv_heads; ++h) {
+          f32_to_kv(kv_dtype, kr + h * hd, kv_.k_block(page, l, h) + slot * hd * eb, hd);
+          f32_to_kv(kv_dtype, vr + h * hd, kv_.v_block(page, l, h) + slot * hd * eb, hd);
+        }
+      }
+    });
+
+    // Causal attention over the pages: one work item per (token, KV head) serving its query group.
+    pc.for_chunks(T * c.n_kv_heads, 1, [&](int64_t i0, int64_t) {
+      const int64_t t = i0 / c.n_kv_heads;
+      const int32_t h = static_cast<int32_t>(i0 % c.n_kv_heads);
+      const int32_t seq = batch[S.tok_seq[t]].seq;
+      const int64_t pos = S.tok_pos[t];
+      const int64_t lo = c.sliding_window > 0 ? std::max<int64_t>(0, pos - c.sliding_window + 1) : 0;
+      const int64_t n_ctx = pos + 1 - lo;
+      float* scores = &S.scores[int64_t(pc.tid()) * group * S.cap_ctx];
+      float* kbuf = &S.kv_tmp[int64_t(pc.tid()) * 2 * page_size * hd];
+      float* vbuf = kbuf + page_size * hd;
+      const std::vector<int32_t>& pages = kv_.seq_pages(seq);
+      const float* qg = &S.q[t * q_dim + int64_t(h) * group * hd];
+      // Pass 1: scores for every position in [lo, pos].
+      for (int64_t p0 = lo - lo % page_size; p0 <= pos; p0 += page_size) {
+        const int32_t page = pages[p0 / page_size];
+        const int64_t j0 = std::max(p0, lo), j1 = std::min(p0 + page_size - 1, pos);
+        const float* kp;
+        if (kv_dtype == static_cast<int32_t>(KVDType::F32)) {
+          kp = reinterpret_cast<const float*>(kv_.k_block(page, l, h));
+        } else {
+          kv_to_f32(kv_dtype, kv_.k_block(page, l, h), kbuf, (j1 - p0 + 1) * hd);
+          kp = kbuf;
+        }
+        for (int64_t j = j0; j <= j1; ++j) {
+          const float* kr = kp + (j - p0) * hd;
+          for (int64_t g = 0; g < group; ++g) {
+            scores[g * S.cap_ctx + (j - lo)] = dot_f32(qg + g * hd, kr, hd) * c.attn_scale;
+          }
+        }
+      }
+      // Softmax per query head.
+      for (int64_t g = 0; g < group; ++g) {
+        float* sc = scores + g * S.cap_ctx;
+        float mx = sc[0];
+        for (int64_t j = 1; j < n_ctx; ++j) mx = std::max(mx, sc[j]);
+        for (int64_t j = 0; j < n_ctx; ++j) sc[j] -= mx;
+        exp_inplace(sc, n_ctx);
+        float sum = 0.f;
+        for (int64_t j = 0; j < n_ctx; ++j) sum += sc[j];
+        const float inv = 1.0f / sum;
+        for (int64_t j = 0; j < n_ctx; ++j) sc[j] *= inv;
+      }
+      // Pass 2: weighted sum of values.
+      float* out = &S.attn[t * q_dim + int64_t(h) * group * hd];
+      std::fill(out, out + group * hd, 0.f);
+      for (int64_t p0 = lo - lo % page_size; p0 <= pos; p0 += page_size) {
+        const int32_t page = pages[p0 / page_size];
+        const int64_t j0 = std::max(p0, lo), j1 = std::min(p0 + page_size - 1, pos);
+        const float* vp;
+        if (kv_dtype == static_cast<int32_t>(KVDType::F32)) {
+          vp = reinterpret_cast<const float*>(kv_.v_block(page, l, h));
+        } else {
+          kv_to_f32(kv_dtype, kv_.v_block(page, l, h), vbuf, (j1 - p0 + 1) * hd);
+          vp = vbuf;
+        }
+        for (int64_t j = j0; j <= j1; ++j) {
+          const float* vr = vp + (j - p0) * hd;
+          for (int64_t g = 0; g < group; ++g) axpy_f32(scores[g * S.cap_ctx + (j - lo)], vr, out + g * hd, hd);
+        }
+      }
+    });
+
+    // Output projection.
+    pc.for_chunks(T, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        prepare(L.wo.type, &S.attn[t * q_dim], S.act[0].data(), t, q_dim);
+      }
+    });
+    MatmulJob wo = {&L.wo, S.act[0].data(), S.proj.data(), d};
+    run_matmuls(&wo, 1, T);
+
+    // MLP block: x += Wdown · (silu(Wgate xn) * Wup xn)
+    DType ffn_types[2] = {L.w_gate.type, L.w_up.type};
+    const int n_ffn_types = L.w_gate.type == L.w_up.type ? 1 : 2;
+    norm_and_prepare(L.ffn_norm, S.proj.data(), ffn_types, n_ffn_types, d);
+    MatmulJob gate_up[2] = {
+        {&L.w_gate, S.act[0].data(), S.gate.data(), c.d_ff},
+        {&L.w_up, S.act[n_ffn_types == 1 ? 0 : 1].data(), S.up.data(), c.d_ff},
+    };
+    run_matmuls(gate_up, 2, T);
+    pc.for_chunks(T, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        float* gr = &S.gate[t * c.d_ff];
+        silu_mul_row(gr, &S.up[t * c.d_ff], c.d_ff);
+        prepare(L.w_down.type, gr, S.act[0].data(), t, c.d_ff);
+      }
+    });
+    MatmulJob down = {&L.w_down, S.act[0].data(), S.proj.data(), d};
+    run_matmuls(&down, 1, T);
+  }
+
+  // Final norm and LM head, only on the rows whose logits are wanted.
+  const int64_t n_out = output_rows(batch);
+  pc.for_chunks(n_out, 1, [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) {
+      const int64_t t = S.out_tok[o];
+      float* xr = &S.x[t * d];
+      const float* rr = &S.proj[t * d];
+      for (int64_t i = 0; i < d; ++i) xr[i] += rr[i];
+      rmsnorm_row(xr, weights_.out_norm.f32(), &S.xn[o * d], d, c.rms_eps);
+      prepare(weights_.lm_head.type, &S.xn[o * d], S.act[0].data(), o, d);
+    }
+  });
+  MatmulJob head = {&weights_.lm_head, S.act[0].data(), logits, c.vocab_size};
+  run_matmuls(&head, 1, n_out);
+}
+
+}  // namespace lme

@@ -1,0 +1,29 @@
+// Row-level fp32 kernels shared by the model: dot products, RMSNorm, RoPE, SiLU, exp.
+// Written so the compiler vectorises them (fixed lane counts, no reductions across lanes in the
+// hot loop); the plain numpy references live in tests/.
+#pragma once
+
+#include <cstdint>
+
+namespace lme {
+
+// The SIMD level this core was compiled for: "avx512-vnni", "avx512", "avx2" or "scalar".
+const char* cpu_simd_level();
+
+float dot_f32(const float* a, const float* b, int64_t n);
+// y += a * x
+void axpy_f32(float a, const float* x, float* y, int64_t n);
+// y = x / rms(x) * w, rms over n elements with eps inside the square root (fp32).
+void rmsnorm_row(const float* x, const float* w, float* y, int64_t n, float eps);
+// gate = silu(gate) * up
+void silu_mul_row(float* gate, const float* up, int64_t n);
+// x = exp(x), max relative error ~2e-7 for x in [-87, 88]; flushes to 0 below.
+void exp_inplace(float* x, int64_t n);
+// Rotates one head vector in place. interleaved: pairs (2i, 2i+1); else pairs (i, i + dim/2).
+void rope_row(float* x, const float* cos, const float* sin, int32_t dim, bool interleaved);
+
+// Converts n KV-cache elements of the given storage to fp32.
+void kv_to_f32(int32_t kv_dtype, const void* src, float* dst, int64_t n);
+void f32_to_kv(int32_t kv_dtype, const float* src, void* dst, int64_t n);
+
+}  // namespace lme

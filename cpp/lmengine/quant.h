@@ -1,0 +1,71 @@
+// Weight formats and the matrix products that read them in place.
+//
+// Type ids are GGML's, so a GGUF tensor's type field maps directly. Every supported weight type is
+// multiplied by activations that were first converted once per row into a "partner" format
+// (fp32 for float weights, 8-bit blocks for quantized ones); the product then reads each weight
+// byte once and never materialises a dequantized copy of the model.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace lme {
+
+enum class DType : int32_t {
+  F32 = 0,
+  F16 = 1,
+  Q4_0 = 2,
+  Q4_1 = 3,
+  Q5_0 = 6,
+  Q8_0 = 8,
+  Q4_K = 12,
+  Q6_K = 14,
+  BF16 = 30,
+};
+
+bool dtype_is_supported(int32_t ggml_type);
+const char* dtype_name(DType t);
+int64_t dtype_block_size(DType t);   // elements per block (1 for float types)
+int64_t dtype_block_bytes(DType t);  // bytes per block
+// Bytes of one row of n elements; n must be a multiple of dtype_block_size(t).
+int64_t dtype_row_bytes(DType t, int64_t n);
+
+// Plain, exact dequantization of one row (n a multiple of the block size).
+void dequantize_row(DType t, const void* src, float* dst, int64_t n);
+
+// The activation format that matmul_rows() expects for weight type t, k elements per row.
+int64_t activation_row_bytes(DType weight_type, int64_t k);
+void quantize_activation_row(DType weight_type, const float* x, void* dst, int64_t k);
+
+// Y[t * ldy + r] = dot(W row r, X row t) for r in [0, n_rows), t in [0, n_tokens).
+// W: n_rows rows of dtype_row_bytes(wt, k) bytes, w_stride bytes apart.
+// X: n_tokens rows made by quantize_activation_row(wt, ...), x_stride bytes apart.
+// Single-threaded; callers split rows across threads. Tiles over rows and tokens internally.
+void matmul_rows(DType wt, int64_t k, const void* W, int64_t w_stride, int64_t n_rows,
+                 const void* X, int64_t x_stride, int64_t n_tokens, float* Y, int64_t ldy);
+// The plain scalar version of matmul_rows, the reference its SIMD paths are tested against: same
+// arguments, same result up to float summation order.
+void matmul_rows_reference(DType wt, int64_t k, const void* W, int64_t w_stride, int64_t n_rows,
+                           const void* X, int64_t x_stride, int64_t n_tokens, float* Y,
+                           int64_t ldy);
+
+// True when weight_type's activation format is 8-bit (false for float weights: fp32 activations).
+bool activation_is_quantized(DType weight_type);
+// Inverse of quantize_activation_row's rounding: the values the products actually see.
+void dequantize_activation_row(DType weight_type, const void* src, float* dst, int64_t k);
+// Writes x's 8-bit row to dst_hi and the 8-bit row of its rounding residual to dst_lo, so that
+// dot(W, hi) + dot(W, lo) has ~15-bit activation precision. scratch holds k floats.
+void quantize_activation_row_residual(DType weight_type, const float* x, void* dst_hi, void* dst_lo,
+                                      float* scratch, int64_t k);
+
+// The instruction set the matmul_rows kernels were compiled for: "avx2", "avx2+avx512vnni",
+// "avx2+avxvnni" or "scalar". The core has its own compile flags, so ask it, not the binding.
+const char* matmul_simd_name();
+
+// Half-precision helpers shared by the kernels.
+float fp16_to_fp32(uint16_t h);
+uint16_t fp32_to_fp16(float f);
+float bf16_to_fp32(uint16_t h);
+uint16_t fp32_to_bf16(float f);  // round to nearest even
+
+}  // namespace lme

@@ -1,0 +1,109 @@
+// The CUDA kernels of lmengine, as plain C++ host functions: raw device pointers and shapes in, an
+// int status out (0 = ok). Nothing here needs the CUDA headers, so the bindings (and any other
+// g++-compiled caller) include this file without the toolkit. Device-side helpers shared by the
+// .cu files live in kernels.cuh.
+//
+// Conventions:
+//   * Every pointer argument is device memory unless its comment says "host".
+//   * `stream` is a cudaStream_t passed as void*; nullptr is the default stream. Kernels are
+//     enqueued asynchronously: a returned 0 means "launched", and errors raised while the kernel
+//     runs appear at the next synchronizing call.
+//   * Launchers check what they can see on the host (shapes, alignment, supported types) and never
+//     read device memory to validate it: page ids, sequence lengths and positions are trusted, so
+//     callers (the binding layer, the engine) validate those before they reach the GPU.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+// Number of usable CUDA devices; 0 when the runtime reports none or fails to initialise.
+extern "C" int lmengine_cuda_device_count();
+
+namespace lme {
+
+enum CudaStatus : int {
+  kCudaOk = 0,
+  kCudaInvalidArgument = 1,  // same value as StatusCode::kInvalidArgument
+  kCudaUnsupported = 4,      // same value as StatusCode::kUnsupported
+  kCudaRuntimeError = 100,   // a CUDA runtime call or a kernel launch failed
+};
+
+// Message for the last non-zero status returned on this thread ("" if none yet).
+const char* cuda_last_error();
+
+// ---------------------------------------------------------------------------------------------
+// Device memory and timing, for the bindings, tests and benchmarks (the engine will own its own
+// allocator). All act on the current device and the default stream.
+
+int cuda_malloc(void** ptr, size_t bytes);
+int cuda_free(void* ptr);
+int cuda_copy_to_device(void* dst, const void* host_src, size_t bytes);
+int cuda_copy_to_host(void* host_dst, const void* src, size_t bytes);
+int cuda_copy_device_to_device(void* dst, const void* src, size_t bytes);
+int cuda_synchronize();
+// Streaming multiprocessors of the current device (cached per device).
+int cuda_sm_count(int* count);
+// Runs launch(ctx) `iters` times on the default stream between two CUDA events and stores the
+// mean milliseconds per call. Stops at the first non-zero status launch returns.
+int cuda_time_launches(int (*launch)(void* ctx), void* ctx, int iters, float* ms_per_call);
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm over rows, fp32: y[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * w  (as ops.h
+// rmsnorm_row). x and y are [rows, n] with row strides in elements; y == x (in place) is allowed.
+int cuda_rmsnorm(const float* x, int64_t x_row_stride, const float* w, float* y,
+                 int64_t y_row_stride, int64_t rows, int64_t n, float eps, void* stream);
+
+// RoPE in place, fp32. x holds n_tokens rows, token_stride elements apart; each row starts with
+// n_heads head vectors of head_dim elements (so q or k can be rotated inside a fused QKV row).
+// Pair i of token t turns by angle float(positions[t]) * inv_freq[i], i < head_dim / 2; the pairs
+// are (2i, 2i+1) when interleaved, else (i, i + head_dim/2) (as ops.h rope_row).
+int cuda_rope(float* x, int64_t token_stride, int64_t n_tokens, int32_t n_heads, int32_t head_dim,
+              const int32_t* positions, const float* inv_freq, bool interleaved, void* stream);
+
+// Decode attention over the paged KV cache (kv_cache.h layout): one query token per sequence,
+// GQA (n_q_heads / n_kv_heads query heads share a KV head), softmax(q k^T * scale) v over the
+// positions [lo, seq_lens[s]) of sequence s, lo = max(0, len - sliding_window) when the window
+// is set, else 0. A sequence of length 0 gets a zero output.
+//
+// The context is split into chunks of split_tokens positions (flash-decoding); each chunk writes a
+// partial output and its log-sum-exp to the workspace and a second kernel merges them, so short
+// batches with long contexts still fill the GPU.
+struct CudaDecodeAttentionArgs {
+  const float* q = nullptr;  // [n_seqs, n_q_heads, head_dim]
+  float* out = nullptr;      // [n_seqs, n_q_heads, head_dim]
+  // K and V pools, [n_pages][n_layers][n_kv_heads][page_size][head_dim] of kv_dtype, 16-byte
+  // aligned.
+  const void* k_pool = nullptr;
+  const void* v_pool = nullptr;
+  int32_t kv_dtype = 0;                 // KVDType: 0 F32, 1 F16, 2 BF16
+  const int32_t* page_table = nullptr;  // [n_seqs, page_table_stride]; page ids < n_pages
+  int64_t page_table_stride = 0;        // >= pages of the longest sequence
+  const int32_t* seq_lens = nullptr;    // [n_seqs], in [0, max_seq_len] (larger: clamped)
+  int32_t n_seqs = 0;
+  int32_t n_q_heads = 0;
+  int32_t n_kv_heads = 0;
+  int32_t head_dim = 0;  // 64, 128 or 256
+  int32_t page_size = 0;
+  int32_t n_layers = 0;
+  int32_t layer = 0;
+  int32_t max_seq_len = 0;     // host-side bound on seq_lens; sizes the grid and the workspace
+  int32_t sliding_window = 0;  // 0: attend to the whole context
+  float scale = 0.f;           // softmax scale, usually 1/sqrt(head_dim)
+  int32_t split_tokens = 0;    // positions per chunk; 0 picks a size that fills the GPU
+  void* workspace = nullptr;   // cuda_attention_decode_workspace_bytes(args) bytes
+  int64_t workspace_bytes = 0;
+};
+
+// Workspace the call needs (0 when every sequence fits one chunk), or -1 for invalid arguments.
+int64_t cuda_attention_decode_workspace_bytes(const CudaDecodeAttentionArgs& args);
+int cuda_attention_decode(const CudaDecodeAttentionArgs& args, void* stream);
+
+// Dequantizing GEMV: y[t, r] = sum_i W[r, i] * x[t, i], fp32 accumulation, for t < n_tokens.
+// W: rows rows of k elements in a GGML weight format (quant.h DType), w_row_stride bytes apart,
+// 16-byte aligned base; x: [n_tokens, k] fp32; y: [n_tokens, rows] fp32. k must be a multiple of
+// the format's block size. Each token re-reads W, so this is for decode batches of a few tokens.
+bool cuda_gemv_supports(int32_t ggml_type);
+int cuda_gemv(int32_t ggml_type, const void* w, int64_t w_row_stride, int64_t rows, int64_t k,
+              const float* x, int64_t n_tokens, float* y, void* stream);
+
+}  // namespace lme

@@ -1,0 +1,1 @@
+"""Model files and architectures: GGUF metadata, tensor loading, per-architecture definitions."""
