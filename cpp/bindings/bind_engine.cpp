@@ -205,6 +205,19 @@ class PyEngine {
     return out;
   }
 
+  py::dict op_seconds() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    py::dict d;
+    for (int k = 0; k < lme::kNumOpKinds; ++k) d[lme::op_kind_name(k)] = engine_->op_seconds()[k];
+    d["steps"] = engine_->steps_run();
+    d["tokens"] = engine_->tokens_run();
+    return d;
+  }
+  void reset_op_seconds() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    engine_->reset_op_seconds();
+  }
+
   int64_t free_pages() {
     std::lock_guard<std::mutex> lock(mutex_);
     return engine_->kv().free_pages();
@@ -242,6 +255,9 @@ void bind_engine(py::module_& m) {
       .def("step", &PyEngine::step, py::arg("seq_ids"), py::arg("tokens"), py::arg("all_logits"),
            "Appends each tokens[i] to sequence seq_ids[i] and returns logits, float32 "
            "[rows, vocab]: every new position where all_logits[i], else the last one.")
+      .def("op_seconds", &PyEngine::op_seconds,
+           "Wall seconds per op kind accumulated since the last reset, with steps and tokens.")
+      .def("reset_op_seconds", &PyEngine::reset_op_seconds)
       .def_property_readonly("free_pages", &PyEngine::free_pages)
       .def_property_readonly("total_pages", &PyEngine::total_pages)
       .def_property_readonly("page_size", &PyEngine::page_size)

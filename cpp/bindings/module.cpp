@@ -2,7 +2,7 @@
 // and call the framework-free core in cpp/lmengine.
 #include <pybind11/pybind11.h>
 
-#include "lmengine/ops.h"
+#include "lmengine/quant.h"
 
 namespace py = pybind11;
 
@@ -40,7 +40,7 @@ PYBIND11_MODULE(_core, m) {
 #endif
       },
       "True if CUDA kernels were built and a CUDA device is usable now.");
-  m.def("simd", &lme::cpu_simd_level, "SIMD level the CPU kernels were compiled for.");
+  m.def("simd", &lme::matmul_simd_name, "Instruction set the CPU kernels were compiled for.");
   bind_quant(m);
   bind_engine(m);
   bind_cuda(m);

@@ -114,6 +114,18 @@ Engine::Engine(ModelConfig config, ModelWeights weights, const KVCacheConfig& kv
 
 Engine::~Engine() = default;
 
+const char* op_kind_name(int kind) {
+  static const char* const names[kNumOpKinds] = {"embed",     "norm_quant", "matmul_attn", "rope_kv",
+                                                 "attention", "matmul_ffn", "activation",  "lm_head"};
+  return kind >= 0 && kind < kNumOpKinds ? names[kind] : "unknown";
+}
+
+void Engine::reset_op_seconds() {
+  for (double& s : op_seconds_) s = 0.0;
+  steps_run_ = 0;
+  tokens_run_ = 0;
+}
+
 int64_t Engine::output_rows(const std::vector<StepSequence>& batch) {
   int64_t n = 0;
   for (const auto& s : batch) n += s.all_logits ? s.n_tokens : 1;
@@ -231,10 +243,16 @@ Status Engine::step(const std::vector<StepSequence>& batch, float* logits) {
       if (s.all_logits || i == s.n_tokens - 1) S.out_tok[o++] = t;
     }
   }
-  pool_.run([&](int tid, int nth) {
-    ParallelContext pc(pool_, tid, nth);
-    forward(pc, batch, logits);
-  });
+  // forward() runs 2 + 11 per layer ops; the bound leaves room to add more.
+  const int64_t max_ops = 16 * int64_t(c.n_layers) + 16;
+  pool_.run(
+      [&](int tid, int nth) {
+        ParallelContext pc(pool_, tid, nth, op_seconds_);
+        forward(pc, batch, logits);
+      },
+      max_ops);
+  ++steps_run_;
+  tokens_run_ += n_tokens;
   for (const auto& s : batch) kv_.seq_set_length(s.seq, kv_.seq_length(s.seq) + s.n_tokens);
   return Status::Ok();
 }
@@ -322,6 +340,7 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
   };
 
   // Embedding lookup: dequantize the rows of the token ids.
+  pc.set_kind(kOpEmbed);
   const int64_t emb_rb = row_bytes(weights_.tok_embd);
   pc.for_chunks(T, 4, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -360,13 +379,16 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
         qkv_types[n_qkv_types++] = ty;
       }
     }
+    pc.set_kind(kOpNormQuant);
     norm_and_prepare(L.attn_norm, l == 0 ? nullptr : S.proj.data(), qkv_types, n_qkv_types, d);
     MatmulJob qkv[3] = {
         {&L.wq, S.act[act_slot(qkv_types, n_qkv_types, L.wq.type)].data(), S.q.data(), q_dim},
         {&L.wk, S.act[act_slot(qkv_types, n_qkv_types, L.wk.type)].data(), S.k.data(), kv_dim},
         {&L.wv, S.act[act_slot(qkv_types, n_qkv_types, L.wv.type)].data(), S.v.data(), kv_dim},
     };
+    pc.set_kind(kOpMatmulAttn);
     run_matmuls(qkv, 3, T);
+    pc.set_kind(kOpRopeKV);
 
     // Bias, RoPE, and the new K/V into their pages.
     pc.for_chunks(T, 1, [&](int64_t t0, int64_t t1) {
@@ -395,6 +417,7 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
       }
     });
 
+    pc.set_kind(kOpAttention);
     // Causal attention over the pages: one work item per (token, KV head) serving its query group.
     pc.for_chunks(T * c.n_kv_heads, 1, [&](int64_t i0, int64_t) {
       const int64_t t = i0 / c.n_kv_heads;
@@ -459,23 +482,28 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
     });
 
     // Output projection.
+    pc.set_kind(kOpNormQuant);
     pc.for_chunks(T, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         prepare(L.wo.type, &S.attn[t * q_dim], S.act[0].data(), t, q_dim);
       }
     });
     MatmulJob wo = {&L.wo, S.act[0].data(), S.proj.data(), d};
+    pc.set_kind(kOpMatmulAttn);
     run_matmuls(&wo, 1, T);
 
     // MLP block: x += Wdown · (silu(Wgate xn) * Wup xn)
     DType ffn_types[2] = {L.w_gate.type, L.w_up.type};
     const int n_ffn_types = L.w_gate.type == L.w_up.type ? 1 : 2;
+    pc.set_kind(kOpNormQuant);
     norm_and_prepare(L.ffn_norm, S.proj.data(), ffn_types, n_ffn_types, d);
+    pc.set_kind(kOpMatmulFFN);
     MatmulJob gate_up[2] = {
         {&L.w_gate, S.act[0].data(), S.gate.data(), c.d_ff},
         {&L.w_up, S.act[n_ffn_types == 1 ? 0 : 1].data(), S.up.data(), c.d_ff},
     };
     run_matmuls(gate_up, 2, T);
+    pc.set_kind(kOpActivation);
     pc.for_chunks(T, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         float* gr = &S.gate[t * c.d_ff];
@@ -484,11 +512,13 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
       }
     });
     MatmulJob down = {&L.w_down, S.act[0].data(), S.proj.data(), d};
+    pc.set_kind(kOpMatmulFFN);
     run_matmuls(&down, 1, T);
   }
 
   // Final norm and LM head, only on the rows whose logits are wanted.
   const int64_t n_out = output_rows(batch);
+  pc.set_kind(kOpLMHead);
   pc.for_chunks(n_out, 1, [&](int64_t o0, int64_t o1) {
     for (int64_t o = o0; o < o1; ++o) {
       const int64_t t = S.out_tok[o];

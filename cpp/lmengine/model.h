@@ -60,6 +60,20 @@ struct ModelWeights {
 // Checks every tensor's shape and type against the config (before any memory is read).
 Status validate_model(const ModelConfig& c, const ModelWeights& w);
 
+// Where a step's wall time goes (measured barrier to barrier by thread 0).
+enum OpKind : int {
+  kOpEmbed = 0,
+  kOpNormQuant,   // RMSNorm + activation conversion for the next products
+  kOpMatmulAttn,  // Q, K, V and O products
+  kOpRopeKV,      // bias, RoPE, K/V written into pages
+  kOpAttention,
+  kOpMatmulFFN,   // gate, up and down products
+  kOpActivation,  // SiLU * up and its conversion
+  kOpLMHead,      // final norm + LM head
+  kNumOpKinds
+};
+const char* op_kind_name(int kind);
+
 struct StepSequence {
   int32_t seq = -1;
   const int32_t* tokens = nullptr;
@@ -82,6 +96,12 @@ class Engine {
   // output_rows(batch) x vocab_size floats to `logits`. On error nothing is changed.
   Status step(const std::vector<StepSequence>& batch, float* logits);
 
+  // Accumulated wall seconds per OpKind since the last reset, plus steps and tokens run.
+  const double* op_seconds() const { return op_seconds_; }
+  int64_t steps_run() const { return steps_run_; }
+  int64_t tokens_run() const { return tokens_run_; }
+  void reset_op_seconds();
+
  private:
   struct Scratch;
   void forward(ParallelContext& pc, const std::vector<StepSequence>& batch, float* logits);
@@ -92,6 +112,9 @@ class Engine {
   KVCache kv_;
   ThreadPool pool_;
   std::unique_ptr<Scratch> scratch_;
+  double op_seconds_[kNumOpKinds] = {};
+  int64_t steps_run_ = 0;
+  int64_t tokens_run_ = 0;
 };
 
 }  // namespace lme

@@ -12,18 +12,6 @@ namespace {
 constexpr int kLanes = 16;
 }
 
-const char* cpu_simd_level() {
-#if defined(__AVX512F__) && defined(__AVX512VNNI__)
-  return "avx512-vnni";
-#elif defined(__AVX512F__)
-  return "avx512";
-#elif defined(__AVX2__)
-  return "avx2";
-#else
-  return "scalar";
-#endif
-}
-
 float dot_f32(const float* a, const float* b, int64_t n) {
   float acc[kLanes] = {0};
   int64_t i = 0;

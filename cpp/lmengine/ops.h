@@ -7,9 +7,6 @@
 
 namespace lme {
 
-// The SIMD level this core was compiled for: "avx512-vnni", "avx512", "avx2" or "scalar".
-const char* cpu_simd_level();
-
 float dot_f32(const float* a, const float* b, int64_t n);
 // y += a * x
 void axpy_f32(float a, const float* x, float* y, int64_t n);

@@ -79,6 +79,10 @@ inline void prefetch_next_tile(const uint8_t* w, int64_t w_stride, int64_t offse
   }
 }
 
+// GCC keeps the R x C accumulator arrays in registers only if these loops are unrolled before
+// its scalar replacement pass; without the hint it stores them to the stack every block.
+#define LME_UNROLL_TILE _Pragma("GCC unroll 4")
+
 struct TileArgs {
   const uint8_t* w;  // first weight row of the tile
   int64_t w_stride;
@@ -165,19 +169,23 @@ struct TileQ32 {
     const int8_t* xq[C];
     const float* xd[C];
     const float* xs[C];
+    LME_UNROLL_TILE
     for (int c = 0; c < C; ++c) {
       xq[c] = reinterpret_cast<const int8_t*>(a.x + c * a.x_stride);
       xd[c] = reinterpret_cast<const float*>(a.x + c * a.x_stride + a.k);
       xs[c] = xd[c] + nb;
     }
     __m256 acc[R][C];
+    LME_UNROLL_TILE
     for (int r = 0; r < R; ++r) {
+      LME_UNROLL_TILE
       for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
     }
     alignas(32) float scale[R][C][8];
     for (int64_t b0 = 0; b0 < nb; b0 += 8) {
       const int n = static_cast<int>(std::min<int64_t>(8, nb - b0));
       __m256 dw[R], cw[R];
+      LME_UNROLL_TILE
       for (int r = 0; r < R; ++r) {
         const uint8_t* blocks = a.w + r * a.w_stride + b0 * F::kBytes;
         __m256 second;
@@ -188,9 +196,11 @@ struct TileQ32 {
         }
         cw[r] = F::constant(dw[r], second);
       }
+      LME_UNROLL_TILE
       for (int c = 0; c < C; ++c) {
         const __m256 dx = load_floats(xd[c] + b0, n);
         const __m256 sx = F::kHasConstant ? load_floats(xs[c] + b0, n) : _mm256_setzero_ps();
+        LME_UNROLL_TILE
         for (int r = 0; r < R; ++r) {
           _mm256_store_ps(scale[r][c], _mm256_mul_ps(dw[r], dx));
           if (F::kHasConstant) acc[r][c] = _mm256_fmadd_ps(cw[r], sx, acc[r][c]);
@@ -200,9 +210,12 @@ struct TileQ32 {
       for (int j = 0; j < n; ++j) {
         const int64_t b = b0 + j;
         __m256i wq[R];
+        LME_UNROLL_TILE
         for (int r = 0; r < R; ++r) wq[r] = F::unpack(a.w + r * a.w_stride + b * F::kBytes);
+        LME_UNROLL_TILE
         for (int c = 0; c < C; ++c) {
           const __m256i xv = load256(xq[c] + b * kQ32);
+          LME_UNROLL_TILE
           for (int r = 0; r < R; ++r) {
             const __m256 p = _mm256_cvtepi32_ps(F::dot(wq[r], xv));
             acc[r][c] = _mm256_fmadd_ps(p, _mm256_broadcast_ss(&scale[r][c][j]), acc[r][c]);
@@ -210,7 +223,9 @@ struct TileQ32 {
         }
       }
     }
+    LME_UNROLL_TILE
     for (int r = 0; r < R; ++r) {
+      LME_UNROLL_TILE
       for (int c = 0; c < C; ++c) a.y[c * a.ldy + r] = hsum(acc[r][c]);
     }
   }
@@ -233,7 +248,8 @@ inline __m128i q4k_unpack_scales_mins(const uint8_t* packed) {
                        static_cast<int>(sc_lo));
 }
 
-// Selects int16 lane j of each 128-bit half into all 8 int16 lanes of that half.
+// Shuffle mask: int16 lane j_low of the low 128-bit half to all 8 int16 lanes of that half,
+// j_high likewise in the high half.
 inline __m256i lane16_select(int j_low, int j_high) {
   return _mm256_set_m128i(
       _mm_set1_epi16(static_cast<int16_t>(((2 * j_high + 1) << 8) | (2 * j_high))),
@@ -354,7 +370,7 @@ struct TileQ6K {
               _mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 192 + 8 * half))));
         }
         for (int group = 0; group < 4; ++group) {
-          // Group j of this half: 32 elements, scales 2j (first 16) and 2j + 1 (last 16).
+          // Group g of this half: 32 elements, scales 2g (first 16) and 2g + 1 (last 16).
           const __m256i select = lane16_select(2 * group, 2 * group + 1);
           __m256i wq[R], ws[R];
           for (int r = 0; r < R; ++r) {
@@ -363,7 +379,7 @@ struct TileQ6K {
             const __m256i qh = load256(blk + 128 + 32 * half);
             const __m256i lo = group < 2 ? _mm256_and_si256(ql, low4)
                                          : _mm256_and_si256(_mm256_srli_epi16(ql, 4), low4);
-            // Bits 2*group, 2*group + 1 of qh become bits 4, 5.
+            // Bits 2g, 2g + 1 of qh become bits 4, 5.
             __m256i hi;
             switch (group) {
               case 0:
@@ -446,22 +462,30 @@ struct TileFloat {
   template <int R, int C>
   static void run(const TileArgs& a) {
     const float* x[C];
+    LME_UNROLL_TILE
     for (int c = 0; c < C; ++c) x[c] = reinterpret_cast<const float*>(a.x + c * a.x_stride);
     __m256 acc[R][C];
+    LME_UNROLL_TILE
     for (int r = 0; r < R; ++r) {
+      LME_UNROLL_TILE
       for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
     }
     const int64_t k8 = a.k / 8 * 8;
     for (int64_t i = 0; i < k8; i += 8) {
       if (C == 1) prefetch_next_tile<R>(a.w, a.w_stride, i * F::kBytes, 8 * F::kBytes);
       __m256 wv[R];
+      LME_UNROLL_TILE
       for (int r = 0; r < R; ++r) wv[r] = F::load8(a.w + r * a.w_stride + i * F::kBytes);
+      LME_UNROLL_TILE
       for (int c = 0; c < C; ++c) {
         const __m256 xv = _mm256_loadu_ps(x[c] + i);
+        LME_UNROLL_TILE
         for (int r = 0; r < R; ++r) acc[r][c] = _mm256_fmadd_ps(wv[r], xv, acc[r][c]);
       }
     }
+    LME_UNROLL_TILE
     for (int r = 0; r < R; ++r) {
+      LME_UNROLL_TILE
       for (int c = 0; c < C; ++c) {
         float s = hsum(acc[r][c]);
         for (int64_t i = k8; i < a.k; ++i)
@@ -475,68 +499,55 @@ struct TileFloat {
 // ---------------------------------------------------------------------------------------------
 // Tiling driver.
 
-struct TileShape {
-  int rows_decode;   // rows per tile when there is one token
-  int rows_prefill;  // rows x tokens per tile otherwise
-  int tokens_prefill;
+// Runs the r x c tile (1 <= r <= R, 1 <= c <= C); instantiates only shapes up to R x C.
+template <class Tile, int R, int C>
+void run_tile(int r, int c, const TileArgs& a) {
+  if constexpr (R > 1) {
+    if (r < R) return run_tile<Tile, R - 1, C>(r, c, a);
+  }
+  if constexpr (C > 1) {
+    if (c < C) return run_tile<Tile, R, C - 1>(r, c, a);
+  }
+  Tile::template run<R, C>(a);
+}
+
+// One token: kRowsDecode rows per tile. Otherwise kRowsPrefill x kTokensPrefill tiles, tokens
+// taken in chunks whose activation rows stay in L2 while every row tile passes over them.
+struct MatrixArgs {
+  int64_t k;
+  const uint8_t* W;
+  int64_t w_stride, n_rows;
+  const uint8_t* X;
+  int64_t x_stride, n_tokens;
+  float* Y;
+  int64_t ldy;
 };
 
-template <class Tile, int R>
-void run_tile_r(int c, const TileArgs& a) {
-  switch (c) {
-    case 1:
-      Tile::template run<R, 1>(a);
-      break;
-    case 2:
-      Tile::template run<R, 2>(a);
-      break;
-    case 3:
-      Tile::template run<R, 3>(a);
-      break;
-    default:
-      Tile::template run<R, 4>(a);
-      break;
-  }
-}
-
-template <class Tile>
-void run_tile(int r, int c, const TileArgs& a) {
-  switch (r) {
-    case 1:
-      run_tile_r<Tile, 1>(c, a);
-      break;
-    case 2:
-      run_tile_r<Tile, 2>(c, a);
-      break;
-    case 3:
-      run_tile_r<Tile, 3>(c, a);
-      break;
-    default:
-      run_tile_r<Tile, 4>(c, a);
-      break;
-  }
-}
-
-// Tokens are taken in chunks so that a chunk's activation rows stay in L2 while every row tile
-// passes over them.
-template <class Tile>
-void run_matrix(TileShape shape, int64_t k, const uint8_t* W, int64_t w_stride, int64_t n_rows,
-                const uint8_t* X, int64_t x_stride, int64_t n_tokens, float* Y, int64_t ldy) {
+template <class Tile, int kRowsDecode, int kRowsPrefill, int kTokensPrefill>
+bool run_matrix(const MatrixArgs& m) {
+  const auto [k, W, w_stride, n_rows, X, x_stride, n_tokens, Y, ldy] = m;
   constexpr int64_t kTokenChunk = 64;
-  const int64_t rows_per_tile = n_tokens == 1 ? shape.rows_decode : shape.rows_prefill;
-  const int64_t tokens_per_tile = n_tokens == 1 ? 1 : shape.tokens_prefill;
+  if (n_tokens == 1) {
+    for (int64_t r = 0; r < n_rows; r += kRowsDecode) {
+      const int nr = static_cast<int>(std::min<int64_t>(kRowsDecode, n_rows - r));
+      const TileArgs a{W + r * w_stride, w_stride, X, x_stride, k, Y + r, ldy};
+      run_tile<Tile, kRowsDecode, 1>(nr, 1, a);
+    }
+    return true;
+  }
   for (int64_t t0 = 0; t0 < n_tokens; t0 += kTokenChunk) {
     const int64_t t_end = std::min(n_tokens, t0 + kTokenChunk);
-    for (int64_t r = 0; r < n_rows; r += rows_per_tile) {
-      const int nr = static_cast<int>(std::min(rows_per_tile, n_rows - r));
-      for (int64_t t = t0; t < t_end; t += tokens_per_tile) {
-        const int nc = static_cast<int>(std::min(tokens_per_tile, t_end - t));
+    for (int64_t r = 0; r < n_rows; r += kRowsPrefill) {
+      const int nr = static_cast<int>(std::min<int64_t>(kRowsPrefill, n_rows - r));
+      for (int64_t t = t0; t < t_end; t += kTokensPrefill) {
+        const int nc = static_cast<int>(std::min<int64_t>(kTokensPrefill, t_end - t));
         const TileArgs a{W + r * w_stride, w_stride, X + t * x_stride, x_stride, k,
                          Y + t * ldy + r,  ldy};
-        run_tile<Tile>(nr, nc, a);
+        run_tile<Tile, kRowsPrefill, kTokensPrefill>(nr, nc, a);
       }
     }
   }
+  return true;
 }
 
 }  // namespace
@@ -557,32 +568,28 @@ namespace quant_detail {
 
 bool matmul_rows_simd(DType wt, int64_t k, const uint8_t* W, int64_t w_stride, int64_t n_rows,
                       const uint8_t* X, int64_t x_stride, int64_t n_tokens, float* Y, int64_t ldy) {
-  // Tile shapes measured on Zen 3 (AVX2): 4x4 for 32-blocks, 1 row x 4 tokens for K-quants
-  // (their per-row scale vectors fill the registers), 2x4 for float weights.
-  const TileShape q32{4, 4, 4}, kquant{2, 1, 4}, floats{4, 2, 4};
-  auto run = [&](auto tile, TileShape shape) {
-    run_matrix<decltype(tile)>(shape, k, W, w_stride, n_rows, X, x_stride, n_tokens, Y, ldy);
-    return true;
-  };
+  // Tile shapes (decode rows; prefill rows x tokens) measured on Zen 3: 4x4 for 32-blocks,
+  // 1x4 for K-quants (their per-row scale vectors fill the registers), 2x4 for float weights.
+  const MatrixArgs m{k, W, w_stride, n_rows, X, x_stride, n_tokens, Y, ldy};
   switch (wt) {
     case DType::Q4_0:
-      return run(TileQ32<FmtQ4_0>{}, q32);
+      return run_matrix<TileQ32<FmtQ4_0>, 4, 4, 4>(m);
     case DType::Q4_1:
-      return run(TileQ32<FmtQ4_1>{}, q32);
+      return run_matrix<TileQ32<FmtQ4_1>, 4, 4, 4>(m);
     case DType::Q5_0:
-      return run(TileQ32<FmtQ5_0>{}, q32);
+      return run_matrix<TileQ32<FmtQ5_0>, 4, 4, 4>(m);
     case DType::Q8_0:
-      return run(TileQ32<FmtQ8_0>{}, q32);
+      return run_matrix<TileQ32<FmtQ8_0>, 4, 4, 4>(m);
     case DType::Q4_K:
-      return run(TileQ4K{}, kquant);
+      return run_matrix<TileQ4K, 2, 1, 4>(m);
     case DType::Q6_K:
-      return run(TileQ6K{}, kquant);
+      return run_matrix<TileQ6K, 2, 1, 4>(m);
     case DType::F32:
-      return run(TileFloat<FmtF32>{}, floats);
+      return run_matrix<TileFloat<FmtF32>, 4, 2, 4>(m);
     case DType::F16:
-      return run(TileFloat<FmtF16>{}, floats);
+      return run_matrix<TileFloat<FmtF16>, 4, 2, 4>(m);
     case DType::BF16:
-      return run(TileFloat<FmtBF16>{}, floats);
+      return run_matrix<TileFloat<FmtBF16>, 4, 2, 4>(m);
   }
   return false;
 }

@@ -15,14 +15,20 @@ namespace {
 // About 1-2 ms of spinning before a worker sleeps: long enough to bridge decode steps, short
 // enough that an idle engine gives the cores back.
 constexpr int kSpinBeforeSleep = 1 << 16;
-// Between ops, spin then yield: if the machine is oversubscribed a pure spin would starve
-// the very thread everyone waits for.
-constexpr int kSpinBeforeYield = 1 << 12;
+// Inside a run, spin then yield: on an oversubscribed machine a pure spin starves the very
+// thread everyone waits for.
+constexpr int kSpinBeforeYield = 1 << 10;
 }  // namespace
 
+void spin_wait_pause(int& spins) {
+  if (++spins < kSpinBeforeYield) {
+    LME_CPU_RELAX();
+  } else {
+    sched_yield();
+  }
+}
+
 ThreadPool::ThreadPool(int n_threads) : n_threads_(n_threads < 1 ? 1 : n_threads) {
-  chunk_counter[0].store(0);
-  chunk_counter[1].store(0);
   for (int t = 1; t < n_threads_; ++t) workers_.emplace_back([this, t] { worker_loop(t); });
 }
 
@@ -36,9 +42,16 @@ ThreadPool::~ThreadPool() {
   for (auto& w : workers_) w.join();
 }
 
-void ThreadPool::run(const std::function<void(int, int)>& fn) {
-  chunk_counter[0].store(0, std::memory_order_relaxed);
-  chunk_counter[1].store(0, std::memory_order_relaxed);
+void ThreadPool::run(const std::function<void(int, int)>& fn, int64_t max_ops) {
+  // No worker is inside a run here, so the progress counters can be reset plainly.
+  if (max_ops > n_ops_) {
+    ops_.reset(new OpProgress[static_cast<size_t>(max_ops)]);
+    n_ops_ = max_ops;
+  }
+  for (int64_t i = 0; i < max_ops; ++i) {
+    ops_[i].claimed.store(0, std::memory_order_relaxed);
+    ops_[i].done.store(0, std::memory_order_relaxed);
+  }
   if (n_threads_ == 1) {
     fn(0, 1);
     return;
@@ -52,13 +65,7 @@ void ThreadPool::run(const std::function<void(int, int)>& fn) {
   if (sleepers_.load(std::memory_order_acquire) > 0) wake_.notify_all();
   fn(0, n_threads_);
   int spins = 0;
-  while (running_.load(std::memory_order_acquire) != 0) {
-    if (++spins < kSpinBeforeYield) {
-      LME_CPU_RELAX();
-    } else {
-      sched_yield();
-    }
-  }
+  while (running_.load(std::memory_order_acquire) != 0) spin_wait_pause(spins);
   job_ = nullptr;
 }
 
@@ -82,24 +89,6 @@ void ThreadPool::worker_loop(int tid) {
     if (stop_.load()) return;
     (*job_)(tid, n_threads_);
     running_.fetch_sub(1, std::memory_order_acq_rel);
-  }
-}
-
-void ThreadPool::barrier() {
-  if (n_threads_ == 1) return;
-  const uint32_t phase = barrier_phase_.load(std::memory_order_acquire);
-  if (barrier_count_.fetch_add(1, std::memory_order_acq_rel) == n_threads_ - 1) {
-    barrier_count_.store(0, std::memory_order_relaxed);
-    barrier_phase_.store(phase + 1, std::memory_order_release);
-    return;
-  }
-  int spins = 0;
-  while (barrier_phase_.load(std::memory_order_acquire) == phase) {
-    if (++spins < kSpinBeforeYield) {
-      LME_CPU_RELAX();
-    } else {
-      sched_yield();
-    }
   }
 }
 

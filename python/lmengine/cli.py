@@ -1,4 +1,4 @@
-"""The ``lmengine`` command: pull, list, generate, chat, bench."""
+"""The ``lmengine`` command: pull, list, generate, chat, bench, serve."""
 
 from __future__ import annotations
 
@@ -177,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     from lmengine.bench_cli import add_bench_parser
 
     add_bench_parser(sub)
+
+    from lmengine.serving.cli import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 

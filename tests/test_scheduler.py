@@ -1,0 +1,186 @@
+"""The continuous-batching Scheduler on the real default model: outputs equal one-at-a-time
+generation under preemption (a deliberately tiny KV pool), chunked prefill beside decodes under
+the step budget, FCFS admission, aborts that free pages, and requests refused up front."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lmengine import LLM, SamplingParams
+from lmengine.errors import ContextLengthError, InvalidRequestError, KVCacheFullError
+from lmengine.serving import Scheduler
+
+PROMPTS = [
+    "The capital of France is",
+    "1+1=",
+    "Once upon a time, in a land far away,",
+    "def fibonacci(n):",
+]
+
+
+class RecordingEngine:
+    """The core engine, with the sequence ids and chunk lengths of every step recorded."""
+
+    def __init__(self, engine):
+        self._engine = engine
+        self.steps: list[list[tuple[int, int]]] = []
+
+    def step(self, seq_ids, tokens, all_logits):
+        self.steps.append([(s, len(t)) for s, t in zip(seq_ids, tokens)])
+        return self._engine.step(seq_ids, tokens, all_logits)
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+
+@pytest.fixture(scope="module")
+def tiny_pool_llm(smollm2_gguf_path):
+    """Four 16-token pages: any two of the requests below fill the pool."""
+    return LLM(smollm2_gguf_path, n_threads=2, kv_cache_tokens=64)
+
+
+def run_to_end(scheduler: Scheduler) -> dict:
+    results: dict = {}
+    while scheduler.has_unfinished():
+        for event in scheduler.step():
+            r = results.setdefault(event.request_id, {"ids": [], "text": "", "final": None})
+            r["ids"] += event.token_ids
+            r["text"] += event.text
+            if event.finished:
+                r["final"] = event
+    return results
+
+
+def test_preemption_keeps_outputs_equal_to_sequential(tiny_pool_llm):
+    llm = tiny_pool_llm
+    params = [
+        SamplingParams(max_tokens=14, temperature=0, ignore_eos=True),
+        SamplingParams(max_tokens=14, temperature=0.8, seed=7, ignore_eos=True),
+        SamplingParams(max_tokens=14, temperature=0, stop=["."]),
+        SamplingParams(max_tokens=14, temperature=0, ignore_eos=True, logprobs=2),
+    ]
+    expected = [llm.generate(p, sp)[0] for p, sp in zip(PROMPTS, params)]
+
+    engine = RecordingEngine(llm._engine)
+    scheduler = Scheduler(
+        engine, llm.tokenizer, vocab_size=llm.vocab_size, max_context=llm.max_context
+    )
+    for i, (p, sp) in enumerate(zip(PROMPTS, params)):
+        scheduler.add_request(i, llm.tokenizer.encode(p), sp)
+    results = run_to_end(scheduler)
+
+    assert scheduler.stats.preemptions > 0, "the pool was meant to force preemption"
+    for i, want in enumerate(expected):
+        got = results[i]
+        assert got["ids"] == want.token_ids, PROMPTS[i]
+        assert got["text"] == want.text
+        assert got["final"].finish_reason == want.finish_reason
+        assert got["final"].stop_reason == want.stop_reason
+    assert results[3]["final"].num_output_tokens == 14
+    assert llm._engine.free_pages == llm._engine.total_pages
+    assert llm._engine.active_sequences == 0
+    # Continuous batching: requests shared steps.
+    assert max(len(step) for step in engine.steps) > 1
+
+
+def test_logprobs_survive_batching(tiny_pool_llm):
+    llm = tiny_pool_llm
+    sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=2)
+    want = llm.generate(PROMPTS[0], sp)[0]
+    scheduler = Scheduler.for_llm(llm)
+    scheduler.add_request("a", llm.tokenizer.encode(PROMPTS[0]), sp)
+    scheduler.add_request("b", llm.tokenizer.encode(PROMPTS[1]), SamplingParams(max_tokens=4))
+    logprobs, top = [], []
+    while scheduler.has_unfinished():
+        for event in scheduler.step():
+            if event.request_id == "a":
+                logprobs += event.logprobs
+                top += event.top_logprobs
+            else:
+                assert event.logprobs is None
+    np.testing.assert_allclose(logprobs, want.logprobs, rtol=0, atol=1e-6)
+    assert [[t for t, _ in row] for row in top] == [[t for t, _ in row] for row in want.top_logprobs]
+
+
+def test_chunked_prefill_runs_beside_decodes_within_the_budget(smollm2_gguf_path, english_text):
+    llm = LLM(smollm2_gguf_path, n_threads=2, kv_cache_tokens=256)
+    engine = RecordingEngine(llm._engine)
+    scheduler = Scheduler(
+        engine,
+        llm.tokenizer,
+        vocab_size=llm.vocab_size,
+        max_context=llm.max_context,
+        max_step_tokens=8,
+    )
+    long_ids = llm.tokenizer.encode(english_text)[:24]
+    sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    scheduler.add_request("short", llm.tokenizer.encode(PROMPTS[1]), sp)
+    scheduler.add_request("long", long_ids, sp)
+    results = run_to_end(scheduler)
+
+    assert max(sum(n for _, n in step) for step in engine.steps) <= 8
+    # Some step decodes one sequence while it prefills a chunk of the other.
+    assert any(
+        len(step) == 2 and sorted(n for _, n in step)[0] == 1 and sorted(n for _, n in step)[1] > 1
+        for step in engine.steps
+    )
+    assert results["short"]["ids"] == llm.generate(PROMPTS[1], sp)[0].token_ids
+    assert results["long"]["ids"] == llm.generate_ids(long_ids, sp).token_ids
+
+
+def test_admission_is_first_come_first_served(tiny_pool_llm):
+    llm = tiny_pool_llm
+    scheduler = Scheduler.for_llm(llm, max_running=1)
+    sp = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    for name in ("first", "second", "third"):
+        scheduler.add_request(name, llm.tokenizer.encode(PROMPTS[0]), sp)
+    order = [e.request_id for e in _finals(scheduler)]
+    assert order == ["first", "second", "third"]
+
+
+def _finals(scheduler):
+    while scheduler.has_unfinished():
+        yield from (e for e in scheduler.step() if e.finished)
+
+
+def test_abort_frees_pages_at_once(tiny_pool_llm):
+    llm = tiny_pool_llm
+    eng = llm._engine
+    scheduler = Scheduler.for_llm(llm, max_running=2)
+    sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    scheduler.add_request("keep", llm.tokenizer.encode(PROMPTS[0]), sp)
+    scheduler.add_request("drop", llm.tokenizer.encode(PROMPTS[2]), sp)
+    scheduler.add_request("queued", llm.tokenizer.encode(PROMPTS[3]), sp)
+    first_ids = [e.token_ids for e in scheduler.step() + scheduler.step() if e.request_id == "keep"]
+    held = eng.total_pages - eng.free_pages
+    event = scheduler.abort("drop")
+    assert event.finished and event.finish_reason == "abort" and event.num_output_tokens == 2
+    assert eng.total_pages - eng.free_pages < held
+    assert scheduler.abort("drop") is None and scheduler.abort("never") is None
+    assert scheduler.abort("queued").finish_reason == "abort"
+    results = run_to_end(scheduler)
+    assert set(results) == {"keep"}
+    keep_ids = [t for ids in first_ids for t in ids] + results["keep"]["ids"]
+    assert keep_ids == llm.generate(PROMPTS[0], sp)[0].token_ids
+    assert eng.free_pages == eng.total_pages and eng.active_sequences == 0
+
+
+def test_requests_that_can_never_run_are_refused(smollm2_gguf_path, tiny_pool_llm):
+    llm = tiny_pool_llm
+    scheduler = Scheduler.for_llm(llm)
+    ids = llm.tokenizer.encode(PROMPTS[2])
+    with pytest.raises(KVCacheFullError, match="pool"):
+        scheduler.add_request("big", ids, SamplingParams(max_tokens=80))
+    with pytest.raises(InvalidRequestError, match="empty"):
+        scheduler.add_request("empty", [], SamplingParams())
+    with pytest.raises(InvalidRequestError, match="out of range"):
+        scheduler.add_request("bad", [1, llm.vocab_size], SamplingParams())
+    scheduler.add_request("ok", ids, SamplingParams(max_tokens=2))
+    with pytest.raises(InvalidRequestError, match="already in use"):
+        scheduler.add_request("ok", ids, SamplingParams(max_tokens=2))
+    assert scheduler.abort("ok") is not None
+
+    short = LLM(smollm2_gguf_path, n_threads=1, max_context=16, kv_cache_tokens=64)
+    with pytest.raises(ContextLengthError, match="context"):
+        Scheduler.for_llm(short).add_request("long", list(range(100, 120)), SamplingParams())
