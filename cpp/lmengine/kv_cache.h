@@ -3,8 +3,10 @@
 // sequence for every layer and KV head, so freeing a sequence returns whole pages and the page
 // is the unit block-sparse attention selects.
 //
-// Layout of the K (and, separately, V) pool, innermost last:
-//   [page][layer][kv_head][slot in page][head_dim]
+// Layout of the K and V pools, innermost last:
+//   K: [page][layer][kv_head][head_dim][slot in page]   (transposed: a page's scores are
+//                                                          page_size-wide vector FMAs)
+//   V: [page][layer][kv_head][slot in page][head_dim]
 // so one (page, layer, head) block is page_size * head_dim contiguous elements.
 #pragma once
 

@@ -6,6 +6,7 @@
 #include <string>
 #include <unordered_set>
 
+#include "lmengine/attention.h"
 #include "lmengine/ops.h"
 
 namespace lme {
@@ -172,7 +173,8 @@ void Engine::ensure_scratch(int64_t n_tokens, int64_t n_out, int64_t max_ctx) {
     S.out_tok.assign(n_out, 0);
   }
   if (max_ctx > S.cap_ctx) {
-    S.cap_ctx = std::max<int64_t>(max_ctx, 256);
+    // Scores are indexed from the start of the first page touched: one page of slack.
+    S.cap_ctx = std::max<int64_t>(max_ctx, 256) + kv_.config().page_size;
     const int64_t g = c.n_heads / c.n_kv_heads;
     S.scores.assign(int64_t(pool_.size()) * g * S.cap_ctx, 0.f);
     S.kv_tmp.assign(int64_t(pool_.size()) * 2 * kv_.config().page_size * c.head_dim, 0.f);
@@ -290,7 +292,6 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
   const int64_t q_dim = int64_t(c.n_heads) * hd, kv_dim = int64_t(c.n_kv_heads) * hd;
   const int64_t group = c.n_heads / c.n_kv_heads;
   const int64_t xs = S.act_slot_bytes;
-  const int32_t kv_dtype = static_cast<int32_t>(kv_.config().dtype);
   const int64_t page_size = kv_.config().page_size;
 
   // Activation rows of token t for weight type ty: one row at base + t*xs, or with two-level
@@ -408,11 +409,8 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
         const int32_t seq = batch[S.tok_seq[t]].seq;
         const int64_t pos = S.tok_pos[t];
         const int32_t page = kv_.seq_pages(seq)[pos / page_size];
-        const int64_t slot = pos % page_size;
-        const int64_t eb = kv_dtype_bytes(kv_.config().dtype);
         for (int32_t h = 0; h < c.n_kv_heads; ++h) {
-          f32_to_kv(kv_dtype, kr + h * hd, kv_.k_block(page, l, h) + slot * hd * eb, hd);
-          f32_to_kv(kv_dtype, vr + h * hd, kv_.v_block(page, l, h) + slot * hd * eb, hd);
+          kv_store_token(kv_, page, l, h, pos % page_size, kr + h * hd, vr + h * hd);
         }
       }
     });
@@ -425,60 +423,11 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
       const int32_t seq = batch[S.tok_seq[t]].seq;
       const int64_t pos = S.tok_pos[t];
       const int64_t lo = c.sliding_window > 0 ? std::max<int64_t>(0, pos - c.sliding_window + 1) : 0;
-      const int64_t n_ctx = pos + 1 - lo;
-      float* scores = &S.scores[int64_t(pc.tid()) * group * S.cap_ctx];
-      float* kbuf = &S.kv_tmp[int64_t(pc.tid()) * 2 * page_size * hd];
-      float* vbuf = kbuf + page_size * hd;
-      const std::vector<int32_t>& pages = kv_.seq_pages(seq);
-      const float* qg = &S.q[t * q_dim + int64_t(h) * group * hd];
-      // Pass 1: scores for every position in [lo, pos].
-      for (int64_t p0 = lo - lo % page_size; p0 <= pos; p0 += page_size) {
-        const int32_t page = pages[p0 / page_size];
-        const int64_t j0 = std::max(p0, lo), j1 = std::min(p0 + page_size - 1, pos);
-        const float* kp;
-        if (kv_dtype == static_cast<int32_t>(KVDType::F32)) {
-          kp = reinterpret_cast<const float*>(kv_.k_block(page, l, h));
-        } else {
-          kv_to_f32(kv_dtype, kv_.k_block(page, l, h), kbuf, (j1 - p0 + 1) * hd);
-          kp = kbuf;
-        }
-        for (int64_t j = j0; j <= j1; ++j) {
-          const float* kr = kp + (j - p0) * hd;
-          for (int64_t g = 0; g < group; ++g) {
-            scores[g * S.cap_ctx + (j - lo)] = dot_f32(qg + g * hd, kr, hd) * c.attn_scale;
-          }
-        }
-      }
-      // Softmax per query head.
-      for (int64_t g = 0; g < group; ++g) {
-        float* sc = scores + g * S.cap_ctx;
-        float mx = sc[0];
-        for (int64_t j = 1; j < n_ctx; ++j) mx = std::max(mx, sc[j]);
-        for (int64_t j = 0; j < n_ctx; ++j) sc[j] -= mx;
-        exp_inplace(sc, n_ctx);
-        float sum = 0.f;
-        for (int64_t j = 0; j < n_ctx; ++j) sum += sc[j];
-        const float inv = 1.0f / sum;
-        for (int64_t j = 0; j < n_ctx; ++j) sc[j] *= inv;
-      }
-      // Pass 2: weighted sum of values.
-      float* out = &S.attn[t * q_dim + int64_t(h) * group * hd];
-      std::fill(out, out + group * hd, 0.f);
-      for (int64_t p0 = lo - lo % page_size; p0 <= pos; p0 += page_size) {
-        const int32_t page = pages[p0 / page_size];
-        const int64_t j0 = std::max(p0, lo), j1 = std::min(p0 + page_size - 1, pos);
-        const float* vp;
-        if (kv_dtype == static_cast<int32_t>(KVDType::F32)) {
-          vp = reinterpret_cast<const float*>(kv_.v_block(page, l, h));
-        } else {
-          kv_to_f32(kv_dtype, kv_.v_block(page, l, h), vbuf, (j1 - p0 + 1) * hd);
-          vp = vbuf;
-        }
-        for (int64_t j = j0; j <= j1; ++j) {
-          const float* vr = vp + (j - p0) * hd;
-          for (int64_t g = 0; g < group; ++g) axpy_f32(scores[g * S.cap_ctx + (j - lo)], vr, out + g * hd, hd);
-        }
-      }
+      const AttentionScratch scratch = {&S.scores[int64_t(pc.tid()) * group * S.cap_ctx], S.cap_ctx,
+                                        &S.kv_tmp[int64_t(pc.tid()) * 2 * page_size * hd]};
+      attention_paged_one(&S.q[t * q_dim + int64_t(h) * group * hd], static_cast<int32_t>(group), c.attn_scale,
+                          kv_, kv_.seq_pages(seq).data(), l, h, lo, pos, scratch,
+                          &S.attn[t * q_dim + int64_t(h) * group * hd]);
     });
 
     // Output projection.
