@@ -197,6 +197,8 @@ def test_bad_engine_options(smollm2_gguf_path):
         LLM(smollm2_gguf_path, kv_dtype="int3")
     with pytest.raises(InvalidRequestError):
         LLM(smollm2_gguf_path, kv_cache_tokens=4)
+    with pytest.raises(KVCacheFullError, match="GiB"):
+        LLM(smollm2_gguf_path, kv_cache_tokens=10**12)
 
 
 # -- bad files --------------------------------------------------------------------------------

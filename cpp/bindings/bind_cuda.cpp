@@ -185,10 +185,14 @@ py::object attention_decode(const py::array& q, const py::array& k_pool, const p
   check_array(page_table, py::dtype::of<int32_t>(), 2, "page_table");
   check_array(seq_lens, py::dtype::of<int32_t>(), 1, "seq_lens");
   const int64_t n_seqs = q.shape(0), n_q_heads = q.shape(1), head_dim = q.shape(2);
+  // kv_cache.h layout: k_pool [pages, layers, Hkv, D, page_size], v_pool [pages, layers, Hkv,
+  // page_size, D].
   const int64_t n_pages = k_pool.shape(0), n_layers = k_pool.shape(1), n_kv_heads = k_pool.shape(2);
-  const int64_t page_size = k_pool.shape(3);
-  for (int axis = 0; axis < 5; ++axis) check_dim(v_pool, axis, k_pool.shape(axis), "v_pool");
-  check_dim(k_pool, 4, head_dim, "k_pool");
+  const int64_t page_size = k_pool.shape(4);
+  check_dim(k_pool, 3, head_dim, "k_pool");
+  for (int axis = 0; axis < 3; ++axis) check_dim(v_pool, axis, k_pool.shape(axis), "v_pool");
+  check_dim(v_pool, 3, page_size, "v_pool");
+  check_dim(v_pool, 4, head_dim, "v_pool");
   check_dim(page_table, 0, n_seqs, "page_table");
   check_dim(seq_lens, 0, n_seqs, "seq_lens");
   if (head_dim != 64 && head_dim != 128 && head_dim != 256)
@@ -344,7 +348,8 @@ void bind_cuda(py::module_& m) {
       "attention_decode", &attention_decode, py::arg("q"), py::arg("k_pool"), py::arg("v_pool"),
       py::arg("page_table"), py::arg("seq_lens"), py::arg("layer"), py::arg("scale"),
       py::arg("sliding_window") = 0, py::arg("split_tokens") = 0, py::arg("iters") = 0,
-      "attention_decode(q: float32[S, Hq, D], k_pool, v_pool: [pages, layers, Hkv, page_size, D]"
+      "attention_decode(q: float32[S, Hq, D], k_pool: [pages, layers, Hkv, D, page_size],"
+      " v_pool: [pages, layers, Hkv, page_size, D] (K transposed within a page, as the KV cache)"
       " of float32 | float16 | uint16 (bf16 bits), page_table: int32[S, max_pages],"
       " seq_lens: int32[S], layer, scale, sliding_window=0, split_tokens=0 (auto), iters=0)"
       " -> float32[S, Hq, D]");

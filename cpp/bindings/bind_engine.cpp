@@ -149,6 +149,12 @@ class PyEngine {
     }
     vocab_ = c.vocab_size;
     engine_ = std::make_unique<lme::Engine>(std::move(c), std::move(w), kc, n_threads);
+    if (!engine_->kv().allocated()) {
+      const int64_t bytes = engine_->kv().pool_bytes();
+      engine_.reset();
+      raise_error("KVCacheFullError", "could not allocate the KV cache pool of " + std::to_string(bytes) +
+                                          " bytes; lower kv_cache_tokens");
+    }
   }
 
   int32_t seq_create() {

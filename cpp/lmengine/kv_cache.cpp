@@ -10,8 +10,8 @@ KVCache::KVCache(const KVCacheConfig& config)
     : config_(config),
       block_elems_(static_cast<int64_t>(config.page_size) * config.head_dim) {
   const int64_t bytes = config_.n_pages * config_.n_layers * config_.n_kv_heads * block_bytes();
-  k_pool_.resize(static_cast<size_t>(bytes));
-  v_pool_.resize(static_cast<size_t>(bytes));
+  k_pool_.reset(static_cast<uint8_t*>(std::calloc(static_cast<size_t>(bytes), 1)));
+  v_pool_.reset(static_cast<uint8_t*>(std::calloc(static_cast<size_t>(bytes), 1)));
   free_list_.reserve(static_cast<size_t>(config_.n_pages));
   // Hand out low page numbers first: pop_back takes from the end.
   for (int64_t p = config_.n_pages - 1; p >= 0; --p) free_list_.push_back(static_cast<int32_t>(p));

@@ -11,6 +11,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
+#include <memory>
 #include <vector>
 
 #include "lmengine/status.h"
@@ -35,6 +37,9 @@ class KVCache {
   explicit KVCache(const KVCacheConfig& config);
 
   const KVCacheConfig& config() const { return config_; }
+  // False when the pool could not be allocated (the caller must not use this cache).
+  bool allocated() const { return k_pool_ != nullptr && v_pool_ != nullptr; }
+  int64_t pool_bytes() const { return 2 * config_.n_pages * config_.n_layers * config_.n_kv_heads * block_bytes(); }
   int64_t free_pages() const { return static_cast<int64_t>(free_list_.size()); }
   int64_t total_pages() const { return config_.n_pages; }
   int64_t pages_for(int64_t n_tokens) const {
@@ -55,10 +60,10 @@ class KVCache {
 
   // Start of the (page, layer, head) block in the K or V pool, as raw bytes.
   uint8_t* k_block(int32_t page, int32_t layer, int32_t head) {
-    return k_pool_.data() + block_offset(page, layer, head);
+    return k_pool_.get() + block_offset(page, layer, head);
   }
   uint8_t* v_block(int32_t page, int32_t layer, int32_t head) {
-    return v_pool_.data() + block_offset(page, layer, head);
+    return v_pool_.get() + block_offset(page, layer, head);
   }
   int64_t block_bytes() const { return block_elems_ * kv_dtype_bytes(config_.dtype); }
 
@@ -75,8 +80,10 @@ class KVCache {
 
   KVCacheConfig config_;
   int64_t block_elems_;
-  std::vector<uint8_t> k_pool_;
-  std::vector<uint8_t> v_pool_;
+  // calloc'd: the OS maps zero pages lazily, so resident memory grows with the positions used,
+  // not with the pool's size.
+  std::unique_ptr<uint8_t, void (*)(void*)> k_pool_{nullptr, std::free};
+  std::unique_ptr<uint8_t, void (*)(void*)> v_pool_{nullptr, std::free};
   std::vector<int32_t> free_list_;
   std::vector<SeqState> seqs_;
   std::vector<int32_t> free_seq_ids_;

@@ -129,6 +129,12 @@ class LLM:
                 f"KV cache of {kv_cache_tokens} tokens is smaller than one page ({page_size})"
             )
         self.kv_cache_bytes = -(-kv_cache_tokens // page_size) * page_size * bytes_per_token
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if self.kv_cache_bytes > physical:
+            raise KVCacheFullError(
+                f"a KV cache of {kv_cache_tokens} tokens needs {self.kv_cache_bytes / 2**30:.1f} GiB, "
+                f"more than this machine's {physical / 2**30:.1f} GiB; lower kv_cache_tokens"
+            )
         if activation_bits not in (8, 16):
             raise InvalidRequestError(f"activation_bits must be 8 or 16, got {activation_bits}")
         core_config = self.spec.core_config(self.max_context)
