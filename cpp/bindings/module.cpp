@@ -9,6 +9,7 @@ namespace py = pybind11;
 void bind_quant(py::module_& m);
 void bind_engine(py::module_& m);
 void bind_cuda(py::module_& m);
+void bind_kernels(py::module_& m);
 
 #ifndef LMENGINE_VERSION
 #define LMENGINE_VERSION "dev"
@@ -44,4 +45,5 @@ PYBIND11_MODULE(_core, m) {
   bind_quant(m);
   bind_engine(m);
   bind_cuda(m);
+  bind_kernels(m);
 }

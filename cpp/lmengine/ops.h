@@ -14,7 +14,8 @@ void axpy_f32(float a, const float* x, float* y, int64_t n);
 void rmsnorm_row(const float* x, const float* w, float* y, int64_t n, float eps);
 // gate = silu(gate) * up
 void silu_mul_row(float* gate, const float* up, int64_t n);
-// x = exp(x), max relative error ~2e-7 for x in [-87, 88]; flushes to 0 below.
+// x = exp(x). Relative error <= 2e-7 + |x| * 2^-24 (the fp32 rounding of x*log2e); inputs
+// below -87.3 flush to 0, above 88.3 saturate at ~2.2e38. Softmax callers pass x <= 0.
 void exp_inplace(float* x, int64_t n);
 // Rotates one head vector in place. interleaved: pairs (2i, 2i+1); else pairs (i, i + dim/2).
 void rope_row(float* x, const float* cos, const float* sin, int32_t dim, bool interleaved);

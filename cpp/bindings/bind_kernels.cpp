@@ -1,0 +1,251 @@
+// lmengine._core.kernels: the CPU row kernels (lmengine/ops.h) and paged attention
+// (lmengine/attention.h) on numpy arrays, so tests/test_cpu_kernels.py can check each one against
+// a plain reference. Every shape and dtype is checked before a pointer reaches the core; problems
+// raise ValueError. Outputs are fresh float32 arrays; inputs are never modified.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "lmengine/attention.h"
+#include "lmengine/kv_cache.h"
+#include "lmengine/ops.h"
+
+namespace py = pybind11;
+
+namespace {
+
+std::string shape_str(const py::array& a) {
+  std::string s = "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+// ndim < 0: any number of dimensions.
+void check_array(const py::array& a, const py::dtype& dtype, int ndim, const char* what) {
+  if (!a.dtype().is(dtype)) {
+    throw py::value_error(std::string(what) + " must have dtype " +
+                          py::str(dtype).cast<std::string>() + ", got " +
+                          py::str(a.dtype()).cast<std::string>());
+  }
+  if (ndim >= 0 && a.ndim() != ndim) {
+    throw py::value_error(std::string(what) + " must be " + std::to_string(ndim) +
+                          "-D, got shape " + shape_str(a));
+  }
+  if (!(a.flags() & py::array::c_style))
+    throw py::value_error(std::string(what) + " must be C-contiguous");
+}
+
+void check_dim(const py::array& a, int axis, int64_t expected, const char* what, const char* name) {
+  if (a.shape(axis) != expected) {
+    throw py::value_error(std::string(what) + " has shape " + shape_str(a) + "; axis " +
+                          std::to_string(axis) + " must be " + name + " = " +
+                          std::to_string(expected));
+  }
+}
+
+const float* f32_in(const py::array& a) { return static_cast<const float*>(a.data()); }
+
+// y[t] = rmsnorm_row(x[t], w).
+py::array_t<float> rmsnorm(const py::array& x, const py::array& w, float eps) {
+  check_array(x, py::dtype::of<float>(), 2, "x");
+  check_array(w, py::dtype::of<float>(), 1, "w");
+  const int64_t T = x.shape(0), n = x.shape(1);
+  if (n < 1) throw py::value_error("x rows must have at least one element");
+  check_dim(w, 0, n, "w", "x.shape[1]");
+  py::array_t<float> y({T, n});
+  const float *xp = f32_in(x), *wp = f32_in(w);
+  float* yp = y.mutable_data();
+  {
+    py::gil_scoped_release release;
+    for (int64_t t = 0; t < T; ++t) lme::rmsnorm_row(xp + t * n, wp, yp + t * n, n, eps);
+  }
+  return y;
+}
+
+// Rotates every head of every token with the cos/sin tables Engine::step builds: the angle is
+// float(pos) * inv_freq[j] in fp32, then std::cos / std::sin of that float.
+py::array_t<float> rope(const py::array& x, const py::array& positions, const py::array& inv_freq,
+                        bool interleaved) {
+  check_array(x, py::dtype::of<float>(), 3, "x");
+  check_array(positions, py::dtype::of<int32_t>(), 1, "positions");
+  check_array(inv_freq, py::dtype::of<float>(), 1, "inv_freq");
+  const int64_t T = x.shape(0), H = x.shape(1), D = x.shape(2);
+  if (D < 2 || D % 2 != 0 || D > std::numeric_limits<int32_t>::max()) {
+    throw py::value_error("x head_dim (axis 2) must be even and positive, got shape " +
+                          shape_str(x));
+  }
+  check_dim(positions, 0, T, "positions", "x.shape[0]");
+  check_dim(inv_freq, 0, D / 2, "inv_freq", "x.shape[2] / 2");
+  py::array_t<float> y({T, H, D});
+  const float* xp = f32_in(x);
+  const int32_t* pp = static_cast<const int32_t*>(positions.data());
+  const float* fp = f32_in(inv_freq);
+  float* yp = y.mutable_data();
+  {
+    py::gil_scoped_release release;
+    const int64_t half = D / 2;
+    std::vector<float> cos_table(half), sin_table(half);
+    std::copy(xp, xp + T * H * D, yp);
+    for (int64_t t = 0; t < T; ++t) {
+      const float pos = static_cast<float>(pp[t]);
+      for (int64_t j = 0; j < half; ++j) {
+        const float angle = pos * fp[j];
+        cos_table[j] = std::cos(angle);
+        sin_table[j] = std::sin(angle);
+      }
+      for (int64_t h = 0; h < H; ++h) {
+        lme::rope_row(yp + (t * H + h) * D, cos_table.data(), sin_table.data(),
+                      static_cast<int32_t>(D), interleaved);
+      }
+    }
+  }
+  return y;
+}
+
+// out[t] = silu(gate[t]) * up[t].
+py::array_t<float> silu_mul(const py::array& gate, const py::array& up) {
+  check_array(gate, py::dtype::of<float>(), 2, "gate");
+  check_array(up, py::dtype::of<float>(), 2, "up");
+  const int64_t T = gate.shape(0), n = gate.shape(1);
+  check_dim(up, 0, T, "up", "gate.shape[0]");
+  check_dim(up, 1, n, "up", "gate.shape[1]");
+  py::array_t<float> out({T, n});
+  const float *gp = f32_in(gate), *upp = f32_in(up);
+  float* op = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    std::copy(gp, gp + T * n, op);
+    for (int64_t t = 0; t < T; ++t) lme::silu_mul_row(op + t * n, upp + t * n, n);
+  }
+  return out;
+}
+
+// exp_inplace over a copy of x, any shape.
+py::array exp_copy(const py::array& x) {
+  check_array(x, py::dtype::of<float>(), -1, "x");
+  py::array out(x.dtype(), std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
+  const float* xp = f32_in(x);
+  float* op = static_cast<float*>(out.mutable_data());
+  const int64_t n = x.size();
+  {
+    py::gil_scoped_release release;
+    std::copy(xp, xp + n, op);
+    lme::exp_inplace(op, n);
+  }
+  return out;
+}
+
+lme::KVDType parse_kv_dtype(const std::string& name) {
+  if (name == "f32") return lme::KVDType::F32;
+  if (name == "f16") return lme::KVDType::F16;
+  if (name == "bf16") return lme::KVDType::BF16;
+  throw py::value_error("kv_dtype must be 'f32', 'f16' or 'bf16', got '" + name + "'");
+}
+
+// One query token at position L-1 over keys/values 0..L-1 stored in a one-layer, one-KV-head
+// cache: logical page i lives in pool page page_order[i]. Slots of those pages past L-1 hold NaN,
+// as a reused page holds stale data the kernel must ignore.
+py::array_t<float> attention_paged(const py::array& q, const py::array& k, const py::array& v,
+                                   int64_t lo, int64_t page_size, const std::string& kv_dtype,
+                                   const py::array& page_order, py::object scale_arg) {
+  check_array(q, py::dtype::of<float>(), 2, "q");
+  check_array(k, py::dtype::of<float>(), 2, "k");
+  check_array(v, py::dtype::of<float>(), 2, "v");
+  check_array(page_order, py::dtype::of<int32_t>(), 1, "page_order");
+  const lme::KVDType dtype = parse_kv_dtype(kv_dtype);
+  const int64_t group = q.shape(0), D = q.shape(1), L = k.shape(0);
+  if (group < 1 || group > std::numeric_limits<int32_t>::max())
+    throw py::value_error("q must hold at least one query head, got shape " + shape_str(q));
+  if (D < 1 || D > std::numeric_limits<int32_t>::max())
+    throw py::value_error("q head_dim must be positive, got shape " + shape_str(q));
+  if (L < 1) throw py::value_error("k must hold at least one token, got shape " + shape_str(k));
+  check_dim(k, 1, D, "k", "q.shape[1]");
+  check_dim(v, 0, L, "v", "k.shape[0]");
+  check_dim(v, 1, D, "v", "q.shape[1]");
+  if (page_size < 1 || page_size > 4096) {
+    throw py::value_error("page_size must be in [1, 4096], got " + std::to_string(page_size));
+  }
+  if (lo < 0 || lo > L - 1) {
+    throw py::value_error("lo must be in [0, L - 1] = [0, " + std::to_string(L - 1) + "], got " +
+                          std::to_string(lo));
+  }
+  const int64_t n_logical = (L + page_size - 1) / page_size;
+  check_dim(page_order, 0, n_logical, "page_order", "ceil(L / page_size)");
+  const int32_t* order = static_cast<const int32_t*>(page_order.data());
+  std::vector<bool> used(static_cast<size_t>(n_logical), false);
+  for (int64_t i = 0; i < n_logical; ++i) {
+    if (order[i] < 0 || order[i] >= n_logical || used[order[i]]) {
+      throw py::value_error("page_order must be a permutation of range(" +
+                            std::to_string(n_logical) + "); entry " + std::to_string(i) + " is " +
+                            std::to_string(order[i]));
+    }
+    used[order[i]] = true;
+  }
+  const float scale =
+      scale_arg.is_none() ? 1.0f / std::sqrt(static_cast<float>(D)) : scale_arg.cast<float>();
+
+  lme::KVCacheConfig config;
+  config.n_layers = 1;
+  config.n_kv_heads = 1;
+  config.head_dim = static_cast<int32_t>(D);
+  config.page_size = static_cast<int32_t>(page_size);
+  config.n_pages = n_logical;
+  config.dtype = dtype;
+  lme::KVCache cache(config);
+  if (!cache.allocated()) throw py::value_error("could not allocate the KV pool");
+
+  py::array_t<float> out({group, D});
+  const float *qp = f32_in(q), *kp = f32_in(k), *vp = f32_in(v);
+  float* op = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    for (int64_t t = 0; t < L; ++t) {
+      lme::kv_store_token(cache, order[t / page_size], 0, 0, t % page_size, kp + t * D, vp + t * D);
+    }
+    const std::vector<float> stale(static_cast<size_t>(D), std::numeric_limits<float>::quiet_NaN());
+    for (int64_t t = L; t < n_logical * page_size; ++t) {
+      lme::kv_store_token(cache, order[t / page_size], 0, 0, t % page_size, stale.data(),
+                          stale.data());
+    }
+    const int64_t stride = L + page_size;  // attention_paged_one needs >= context + page_size
+    std::vector<float> scores(static_cast<size_t>(group * stride));
+    std::vector<float> kv_buf(static_cast<size_t>(2 * page_size * D));
+    const lme::AttentionScratch scratch = {scores.data(), stride, kv_buf.data()};
+    lme::attention_paged_one(qp, static_cast<int32_t>(group), scale, cache, order, 0, 0, lo, L - 1,
+                             scratch, op);
+  }
+  return out;
+}
+
+}  // namespace
+
+void bind_kernels(py::module_& m) {
+  py::module_ k = m.def_submodule(
+      "kernels", "CPU kernels on numpy arrays, for tests against plain references.");
+  k.def("rmsnorm", &rmsnorm, py::arg("x"), py::arg("w"), py::arg("eps"),
+        "rmsnorm(x: float32[T, n], w: float32[n], eps) -> float32[T, n]");
+  k.def(
+      "rope", &rope, py::arg("x"), py::arg("positions"), py::arg("inv_freq"),
+      py::arg("interleaved"),
+      "rope(x: float32[T, H, D], positions: int32[T], inv_freq: float32[D/2], interleaved: bool)"
+      " -> float32[T, H, D]. interleaved rotates pairs (2i, 2i+1), else (i, i + D/2); the angle is"
+      " float32(pos) * inv_freq[i] in float32.");
+  k.def("silu_mul", &silu_mul, py::arg("gate"), py::arg("up"),
+        "silu_mul(gate: float32[T, n], up: float32[T, n]) -> float32[T, n] = silu(gate) * up");
+  k.def("exp", &exp_copy, py::arg("x"),
+        "exp(x: float32[...]) -> float32[...]; inputs below -87.3 give 0.");
+  k.def("attention_paged", &attention_paged, py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("lo"), py::arg("page_size"), py::arg("kv_dtype"), py::arg("page_order"),
+        py::arg("scale") = py::none(),
+        "attention_paged(q: float32[group, D], k: float32[L, D], v: float32[L, D], lo, page_size,"
+        " kv_dtype: 'f32'|'f16'|'bf16', page_order: int32[ceil(L/page_size)], scale=1/sqrt(D))"
+        " -> float32[group, D]: softmax(scale * q . K[lo..L-1]) . V[lo..L-1] for the query at "
+        "position"
+        " L-1, K/V stored in kv_dtype with logical page i in pool page page_order[i].");
+}
