@@ -291,14 +291,26 @@ ActFormat activation_format(DType t) {
 
 // Symmetric 8-bit quantization of n values: returns the scale d, writes q in [-127, 127].
 float quantize_block_q8(const float* x, int64_t n, int8_t* q) {
+  // Max |x| in 8 independent lanes (a single running max is a serial chain GCC won't vectorise).
+  // n is a block size (32 or 256), a multiple of 8.
+  float lane_max[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  for (int64_t i0 = 0; i0 < n; i0 += 8) {
+    for (int l = 0; l < 8; ++l) {
+      const float a = std::fabs(x[i0 + l]);
+      lane_max[l] = a > lane_max[l] ? a : lane_max[l];
+    }
+  }
   float amax = 0.f;
-  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
+  for (int l = 0; l < 8; ++l) amax = std::max(amax, lane_max[l]);
   const float d = amax / 127.f;
   const float id = amax > 0.f ? 127.f / amax : 0.f;
   for (int64_t i = 0; i < n; ++i) {
-    // fmin/fmax also map a NaN to a finite value, so the conversion is always defined.
-    const float v = std::fmin(std::fmax(std::nearbyint(x[i] * id), -127.f), 127.f);
-    q[i] = static_cast<int8_t>(v);
+    // Round to nearest even by the 1.5 * 2^23 trick (= nearbyint for |v| < 2^22) and clamp with
+    // plain compares, so the loop vectorises; `!(v > -127)` also maps a NaN to a finite value.
+    float v = (x[i] * id + 12582912.0f) - 12582912.0f;
+    v = v > 127.f ? 127.f : v;
+    v = !(v > -127.f) ? -127.f : v;
+    q[i] = static_cast<int8_t>(static_cast<int32_t>(v));
   }
   return d;
 }
