@@ -109,8 +109,9 @@ def bench_attention(rng, iters, quick):
         for n_seqs, ctx in shapes:
             pages_per_seq = ctx // page
             n_pages = n_seqs * pages_per_seq
-            pool_shape = (n_pages, 1, kv_heads, page, dim)
-            k_pool, v_pool = finite_kv(rng, pool_shape, kind), finite_kv(rng, pool_shape, kind)
+            # kv_cache.h layout: K transposed within a page, V by rows.
+            k_pool = finite_kv(rng, (n_pages, 1, kv_heads, dim, page), kind)
+            v_pool = finite_kv(rng, (n_pages, 1, kv_heads, page, dim), kind)
             table = rng.permutation(n_pages).astype(np.int32).reshape(n_seqs, pages_per_seq)
             lens = np.full(n_seqs, ctx, dtype=np.int32)
             q = rng.standard_normal((n_seqs, kv_heads * group, dim), dtype=np.float32)

@@ -1,11 +1,17 @@
 // Decode attention over the paged KV cache: one query token per sequence, GQA, fp32/fp16/bf16 KV,
 // flash-decoding split over the context with a log-sum-exp merge.
 //
+// Pools (kv_cache.h): one (page, layer, kv_head) block holds page_size * head_dim elements,
+//   K transposed, [head_dim][page_size]: (slot s, dim d) at block + d * page_size + s;
+//   V by rows,    [page_size][head_dim]: (slot s, dim d) at block + s * head_dim + d.
+//
 // Kernel 1 (chunk): grid (chunk, kv_head, seq); block (kLanes, group, n_pos).
-//   * threadIdx.x: a slice of kVec consecutive elements of the head vector (16 bytes of fp16/bf16
-//     KV, or 4-8 floats), so kLanes adjacent threads read one K or V row with wide loads;
+//   * threadIdx.x: kVec elements of the head vector, so kLanes adjacent threads cover one position:
+//     - V: dims [lane * kVec, +kVec), contiguous in the row: one 16-byte load (two for fp32 with
+//       kVec 8), and kLanes adjacent threads read the whole row;
+//     - q and K: dims lane + j * kLanes, j < kVec (see the K access napkin below);
 //   * threadIdx.y: the query head within the GQA group; all heads of a group read the same K/V
-//     rows in the same block, so the group shares each DRAM read (through L1);
+//     elements in the same block, so the group shares each DRAM read (through L1);
 //   * threadIdx.z: which position of the chunk, n_pos positions in flight per step.
 //   Each thread keeps an online softmax (running max m, denominator d, output o[kVec]) in
 //   registers; the n_pos partial states are merged in shared memory at the end. A chunk writes its
@@ -20,6 +26,18 @@
 // e.g. 32 sequences x 4096 positions x 8 KV heads x 128 x fp16 = 537 MB, ~112 us at 4.8 TB/s.
 // The chunk partials add 2 * n_seqs * n_q_heads * n_chunks * (head_dim + 1) * 4 bytes, a few % at
 // most. FLOPs are 4 per KV element per query head of the group: far below the compute roofline.
+//
+// K access napkin (element (s, d) of a page block at d * page_size + s): a thread needs kVec dims
+// of ONE slot, page_size elements apart, so it makes kVec scalar loads. The dims are interleaved
+// across lanes (lane + j * kLanes), so load j of a warp reads dim rows [j * kLanes, +kLanes) at the
+// warp's slots: kLanes sectors inside one contiguous span of kLanes * page_size elements (fp16,
+// page 16, D 128: 16 sectors in 4 lines), not kLanes rows page_size * kVec apart. The other slots
+// of those sectors are the positions of the other z and of the next steps, so every sector comes
+// from DRAM once and is then hit in L1: DRAM bytes are as for row-major K. What grows is L1 work:
+// per position, K is D / P sector reads (P positions per warp: 32 / (kLanes * group), at least 1)
+// instead of D * sizeof(KV) / 32, 4-16x more, and kVec load instructions instead of 1-2. If that
+// shows up as L1-bound on a GPU, the fix is a page-tiled score pass (lanes over slots, 16-byte
+// loads along a dim row, scores handed to the V pass through shared memory).
 #include <algorithm>
 #include <cmath>
 
@@ -47,6 +65,7 @@ struct DecodeTile {
   static_assert(kVec == 4 || kVec == 8, "vector loads cover 4 or 8 elements");
 };
 
+// kVec consecutive elements at p (16-byte aligned): a V row slice.
 template <typename KV, int kVec>
 __device__ __forceinline__ void load_kv_vec(const KV* p, float out[kVec]) {
   if constexpr (kVec == 8) {
@@ -56,6 +75,13 @@ __device__ __forceinline__ void load_kv_vec(const KV* p, float out[kVec]) {
     const float4 v = load_float4(reinterpret_cast<const float*>(p));
     out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
   }
+}
+
+// kVec elements `stride` apart starting at p: dims of one slot of a transposed K page.
+template <typename KV, int kVec>
+__device__ __forceinline__ void load_kv_strided(const KV* p, int64_t stride, float out[kVec]) {
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) out[j] = to_float(p[j * stride]);
 }
 
 struct DecodePlan {
@@ -93,7 +119,7 @@ __global__ void __launch_bounds__(1024) decode_attention_chunk_kernel(const Deco
   const int group = blockDim.y, n_pos = blockDim.z;
   const int q_head = kv_head * group + g;
   const int64_t head_row = static_cast<int64_t>(seq) * a.n_q_heads + q_head;
-  const int dim0 = lane * kVec;  // first element of this thread's slice
+  const int dim0 = lane * kVec;  // first element of this thread's V / output slice
 
   int32_t len, lo, n_splits;
   seq_range(p, seq, &len, &lo, &n_splits);
@@ -107,16 +133,19 @@ __global__ void __launch_bounds__(1024) decode_attention_chunk_kernel(const Deco
   const int32_t begin = lo + split * p.split_tokens;
   const int32_t end = min(len, begin + p.split_tokens);
 
+  // q in the K order: element j is dim lane + j * kLanes.
   float q[kVec];
 #pragma unroll
-  for (int j = 0; j < kVec; ++j) q[j] = a.q[head_row * kHeadDim + dim0 + j] * p.q_scale;
+  for (int j = 0; j < kVec; ++j) q[j] = a.q[head_row * kHeadDim + lane + j * kLanes] * p.q_scale;
 
-  // Element offsets in the pools: page p, this layer and head, slot s, element dim0:
-  //   p * page_stride + head_offset + s * kHeadDim.
+  // Element offsets in the pools: page p, this layer and head, slot s:
+  //   K: p * page_stride + head_offset + (lane + j * kLanes) * page_size + s,
+  //   V: p * page_stride + head_offset + s * kHeadDim + dim0 + j.
   const int64_t head_block = static_cast<int64_t>(a.page_size) * kHeadDim;
   const int64_t page_stride = static_cast<int64_t>(a.n_layers) * a.n_kv_heads * head_block;
-  const int64_t head_offset =
-      (static_cast<int64_t>(a.layer) * a.n_kv_heads + kv_head) * head_block + dim0;
+  const int64_t head_offset = (static_cast<int64_t>(a.layer) * a.n_kv_heads + kv_head) * head_block;
+  const int64_t k_lane_offset = static_cast<int64_t>(lane) * a.page_size;   // dim `lane`'s row
+  const int64_t k_dim_stride = static_cast<int64_t>(kLanes) * a.page_size;  // to dim + kLanes
   const int32_t* pages = a.page_table + seq * a.page_table_stride;
   const KV* k_pool = static_cast<const KV*>(a.k_pool);
   const KV* v_pool = static_cast<const KV*>(a.v_pool);
@@ -135,10 +164,10 @@ __global__ void __launch_bounds__(1024) decode_attention_chunk_kernel(const Deco
     float k[kVec], v[kVec];
     if (valid) {
       const int32_t page_index = t / a.page_size;
-      const int64_t off = static_cast<int64_t>(pages[page_index]) * page_stride + head_offset +
-                          static_cast<int64_t>(t - page_index * a.page_size) * kHeadDim;
-      load_kv_vec<KV, kVec>(k_pool + off, k);
-      load_kv_vec<KV, kVec>(v_pool + off, v);
+      const int32_t slot = t - page_index * a.page_size;
+      const int64_t block = static_cast<int64_t>(pages[page_index]) * page_stride + head_offset;
+      load_kv_strided<KV, kVec>(k_pool + block + k_lane_offset + slot, k_dim_stride, k);
+      load_kv_vec<KV, kVec>(v_pool + block + static_cast<int64_t>(slot) * kHeadDim + dim0, v);
     } else {
 #pragma unroll
       for (int j = 0; j < kVec; ++j) k[j] = v[j] = 0.f;

@@ -71,8 +71,9 @@ int cuda_rope(float* x, int64_t token_stride, int64_t n_tokens, int32_t n_heads,
 struct CudaDecodeAttentionArgs {
   const float* q = nullptr;  // [n_seqs, n_q_heads, head_dim]
   float* out = nullptr;      // [n_seqs, n_q_heads, head_dim]
-  // K and V pools, [n_pages][n_layers][n_kv_heads][page_size][head_dim] of kv_dtype, 16-byte
-  // aligned.
+  // K and V pools of kv_dtype, 16-byte aligned, in the kv_cache.h layout:
+  //   K: [n_pages][n_layers][n_kv_heads][head_dim][page_size]  (transposed within a page)
+  //   V: [n_pages][n_layers][n_kv_heads][page_size][head_dim]
   const void* k_pool = nullptr;
   const void* v_pool = nullptr;
   int32_t kv_dtype = 0;                 // KVDType: 0 F32, 1 F16, 2 BF16

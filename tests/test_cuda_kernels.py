@@ -83,8 +83,10 @@ def kv_to_float64(pool: np.ndarray) -> np.ndarray:
 
 
 def attention_decode_reference(q, k_pool, v_pool, page_table, seq_lens, layer, scale, window):
-    """q: [S, Hq, D]; pools: [pages, layers, Hkv, page_size, D] -> [S, Hq, D]."""
-    k, v = kv_to_float64(k_pool), kv_to_float64(v_pool)
+    """q: [S, Hq, D]; k_pool: [pages, layers, Hkv, D, page_size] (K transposed within a page, as
+    kv_cache.h); v_pool: [pages, layers, Hkv, page_size, D] -> [S, Hq, D]."""
+    k = kv_to_float64(k_pool).swapaxes(3, 4)  # back to rows: (pages, layers, Hkv, page_size, D)
+    v = kv_to_float64(v_pool)
     n_seqs, n_q_heads, head_dim = q.shape
     page_size, group = k.shape[3], n_q_heads // k.shape[2]
     out = np.zeros((n_seqs, n_q_heads, head_dim))
@@ -219,9 +221,13 @@ SEQ_LENS = [1, 15, 16, 17, 31, 32, 33, 0, 255, 256, 257, 100]
 KV_DTYPES = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16}
 
 
-def make_paged_cache(rng, seq_lens, n_kv_heads, head_dim, kv_dtype, n_layers=2, spare_pages=5):
-    """Pools with the sequences' pages scattered in random order; unused table entries are -1."""
-    pages_per_seq = [(n + PAGE_SIZE - 1) // PAGE_SIZE for n in seq_lens]
+def make_paged_cache(
+    rng, seq_lens, n_kv_heads, head_dim, kv_dtype, n_layers=2, spare_pages=5, page_size=PAGE_SIZE
+):
+    """Pools in the kv_cache.h layout, K (pages, layers, Hkv, D, page_size) and V (pages, layers,
+    Hkv, page_size, D), with the sequences' pages scattered in random order; unused table entries
+    are -1."""
+    pages_per_seq = [(n + page_size - 1) // page_size for n in seq_lens]
     n_pages = sum(pages_per_seq) + spare_pages
     order = rng.permutation(n_pages).astype(np.int32)
     table = np.full((len(seq_lens), max(pages_per_seq) + 1), -1, dtype=np.int32)
@@ -229,9 +235,10 @@ def make_paged_cache(rng, seq_lens, n_kv_heads, head_dim, kv_dtype, n_layers=2, 
     for s, n in enumerate(pages_per_seq):
         table[s, :n] = order[used : used + n]
         used += n
-    shape = (n_pages, n_layers, n_kv_heads, PAGE_SIZE, head_dim)
+    k_shape = (n_pages, n_layers, n_kv_heads, head_dim, page_size)
+    v_shape = (n_pages, n_layers, n_kv_heads, page_size, head_dim)
     pools = []
-    for _ in range(2):
+    for shape in (k_shape, v_shape):
         values = rng.standard_normal(shape, dtype=np.float32)
         if kv_dtype == "bf16":
             pools.append(float_to_bf16_bits(values))
@@ -245,10 +252,10 @@ def check_attention(q, k_pool, v_pool, table, seq_lens, layer, scale, window=0, 
         q, k_pool, v_pool, table, seq_lens, layer, scale, window, split_tokens
     )
     expected = attention_decode_reference(q, k_pool, v_pool, table, seq_lens, layer, scale, window)
-    k_abs = np.abs(kv_to_float64(k_pool)[:, layer])  # (pages, Hkv, page_size, D)
+    k_abs = np.abs(kv_to_float64(k_pool)[:, layer])  # (pages, Hkv, D, page_size)
     group = q.shape[1] // k_abs.shape[1]
     # Largest scale * sum_i |q_i k_i| over every head and cached row: bounds the score rounding.
-    abs_dots = np.einsum("shd,pkjd->shpkj", np.abs(q.astype(np.float64)), k_abs)
+    abs_dots = np.einsum("shd,pkdj->shpkj", np.abs(q.astype(np.float64)), k_abs)
     heads = np.arange(q.shape[1])
     dot_max = abs(scale) * abs_dots[:, heads, :, heads // group].max()
     v_max = np.abs(kv_to_float64(v_pool)).max()
@@ -294,6 +301,21 @@ def test_attention_decode_sliding_window(window, split_tokens):
     q = rng.standard_normal((len(SEQ_LENS), 6, 64), dtype=np.float32)
     seq_lens = np.array(SEQ_LENS, dtype=np.int32)
     check_attention(q, k_pool, v_pool, table, seq_lens, 1, 0.125, window, split_tokens)
+
+
+@needs_gpu
+@pytest.mark.parametrize("kv_dtype", ["f32", "f16"])
+@pytest.mark.parametrize("page_size", [1, 5, 32])
+@pytest.mark.parametrize("split_tokens", [0, 7])
+def test_attention_decode_other_page_sizes(kv_dtype, page_size, split_tokens):
+    # K is transposed within a page, so page_size is the stride between a slot's dims.
+    rng = np.random.default_rng(page_size)
+    k_pool, v_pool, table = make_paged_cache(
+        rng, SEQ_LENS, 2, 64, kv_dtype, n_layers=1, page_size=page_size
+    )
+    q = rng.standard_normal((len(SEQ_LENS), 6, 64), dtype=np.float32)
+    seq_lens = np.array(SEQ_LENS, dtype=np.int32)
+    check_attention(q, k_pool, v_pool, table, seq_lens, 0, 0.125, split_tokens=split_tokens)
 
 
 @needs_gpu
@@ -401,10 +423,16 @@ def test_attention_decode_rejects_bad_pages_and_lengths():
         )
     with pytest.raises(ValueError, match="layer"):
         CUDA.attention_decode(q, k_pool, v_pool, table, np.array([20, 5], np.int32), 1, 0.1)
+    # K in rows (page_size, D) or V transposed: not the kv_cache.h layout.
+    lens = np.array([20, 5], np.int32)
+    with pytest.raises(ValueError, match=r"k_pool\.shape\[3\]"):
+        CUDA.attention_decode(q, k_pool.swapaxes(3, 4).copy(), v_pool, table, lens, 0, 0.1)
+    with pytest.raises(ValueError, match=r"v_pool\.shape\[3\]"):
+        CUDA.attention_decode(q, k_pool, v_pool.swapaxes(3, 4).copy(), table, lens, 0, 0.1)
     with pytest.raises(ValueError, match="head_dim"):
         CUDA.attention_decode(
             np.zeros((2, 2, 80), np.float32),
-            np.zeros((4, 1, 1, 16, 80), np.float16),
+            np.zeros((4, 1, 1, 80, 16), np.float16),
             np.zeros((4, 1, 1, 16, 80), np.float16),
             table,
             np.array([1, 1], np.int32),

@@ -54,6 +54,7 @@ class PyEngine {
     c.sliding_window = cfg_get_or<int32_t>(cfg, "sliding_window", 0);
     c.qkv_bias = cfg_get_or<bool>(cfg, "qkv_bias", false);
     c.activation_bits = cfg_get_or<int32_t>(cfg, "activation_bits", 16);
+    c.two_level_mask = cfg_get_or<int32_t>(cfg, "two_level_mask", 31);
     if (c.activation_bits != 8 && c.activation_bits != 16) {
       raise_error("InvalidRequestError", "activation_bits must be 8 or 16");
     }

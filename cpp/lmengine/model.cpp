@@ -276,7 +276,6 @@ int act_slot(const DType* types, int n, DType t) {
   return 0;
 }
 
-bool two_level(const ModelConfig& c, DType t) { return c.activation_bits > 8 && activation_is_quantized(t); }
 
 }  // namespace
 
@@ -294,10 +293,14 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
   const int64_t xs = S.act_slot_bytes;
   const int64_t page_size = kv_.config().page_size;
 
+  // Which products get two-level activations (bit per product class, see ModelConfig).
+  const int32_t two_mask = c.activation_bits > 8 ? c.two_level_mask : 0;
+  bool two_now = false;
+
   // Activation rows of token t for weight type ty: one row at base + t*xs, or with two-level
   // activations the value row at base + 2t*xs followed by its residual row.
   auto prepare = [&](DType ty, const float* x, uint8_t* base, int64_t t, int64_t k) {
-    if (two_level(c, ty)) {
+    if (two_now && activation_is_quantized(ty)) {
       float* tmp = &S.row_tmp[int64_t(pc.tid()) * S.row_tmp_len];
       quantize_activation_row_residual(ty, x, base + 2 * t * xs, base + (2 * t + 1) * xs, tmp, k);
     } else {
@@ -324,7 +327,7 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
       const int64_t r0 = (c0 - first_chunk[j]) * rows_per_chunk;
       const int64_t nr = std::min(rows_per_chunk, w.rows - r0);
       const int64_t rb = row_bytes(w);
-      if (!two_level(c, w.type)) {
+      if (!(two_now && activation_is_quantized(w.type))) {
         matmul_rows(w.type, w.cols, w.data + r0 * rb, rb, nr, job.x, xs, n_tok, job.y + r0, job.ldy);
         return;
       }
@@ -381,6 +384,7 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
       }
     }
     pc.set_kind(kOpNormQuant);
+    two_now = two_mask & kTwoLevelQKV;
     norm_and_prepare(L.attn_norm, l == 0 ? nullptr : S.proj.data(), qkv_types, n_qkv_types, d);
     MatmulJob qkv[3] = {
         {&L.wq, S.act[act_slot(qkv_types, n_qkv_types, L.wq.type)].data(), S.q.data(), q_dim},
@@ -432,6 +436,7 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
 
     // Output projection.
     pc.set_kind(kOpNormQuant);
+    two_now = two_mask & kTwoLevelO;
     pc.for_chunks(T, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         prepare(L.wo.type, &S.attn[t * q_dim], S.act[0].data(), t, q_dim);
@@ -445,6 +450,7 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
     DType ffn_types[2] = {L.w_gate.type, L.w_up.type};
     const int n_ffn_types = L.w_gate.type == L.w_up.type ? 1 : 2;
     pc.set_kind(kOpNormQuant);
+    two_now = two_mask & kTwoLevelGateUp;
     norm_and_prepare(L.ffn_norm, S.proj.data(), ffn_types, n_ffn_types, d);
     pc.set_kind(kOpMatmulFFN);
     MatmulJob gate_up[2] = {
@@ -453,6 +459,7 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
     };
     run_matmuls(gate_up, 2, T);
     pc.set_kind(kOpActivation);
+    two_now = two_mask & kTwoLevelDown;
     pc.for_chunks(T, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         float* gr = &S.gate[t * c.d_ff];
@@ -468,6 +475,7 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
   // Final norm and LM head, only on the rows whose logits are wanted.
   const int64_t n_out = output_rows(batch);
   pc.set_kind(kOpLMHead);
+  two_now = two_mask & kTwoLevelHead;
   pc.for_chunks(n_out, 1, [&](int64_t o0, int64_t o1) {
     for (int64_t o = o0; o < o1; ++o) {
       const int64_t t = S.out_tok[o];

@@ -35,6 +35,16 @@ struct ModelConfig {
   // 16: activations of quantized products are two 8-bit rows (value + rounding residual), close
   // to fp32 results; 8: one 8-bit row, as llama.cpp does (faster prefill, ~1% logit error).
   int32_t activation_bits = 16;
+  int32_t two_level_mask = 31;  // which products get two-level rows when activation_bits == 16
+};
+
+// Product classes for ModelConfig::two_level_mask.
+enum : int32_t {
+  kTwoLevelQKV = 1,
+  kTwoLevelO = 2,
+  kTwoLevelGateUp = 4,
+  kTwoLevelDown = 8,
+  kTwoLevelHead = 16,
 };
 
 // A 2-D weight stored row-major: `rows` rows of `cols` elements in dtype `type`. 1-D vectors
