@@ -208,6 +208,24 @@ def test_quant_matmul_matches_numpy(t, rows, n_tokens, k_blocks):
     check_matmul(t, raw, k, x)
 
 
+# Batching invariance: the engine relies on a token's result not depending on which other tokens
+# share the call. The kernels take 1 token, 2-4 tokens (decode with residual activation rows) and
+# 5+ tokens (prefill) through different tile shapes; every one must give each (row, token) the
+# bits of the one-token call.
+@pytest.mark.parametrize("t", SUPPORTED, ids=lambda t: t.name)
+@pytest.mark.parametrize("n_tokens", [2, 3, 4, 5, 9])
+@pytest.mark.parametrize("rows", [1, 3, 7, 130])
+def test_quant_matmul_tokens_are_independent(t, n_tokens, rows):
+    rng = np.random.default_rng(100 * rows + n_tokens)
+    k = 19 * (block_size(t) if block_size(t) > 1 else 37)
+    raw = make_weights(t, rows, k, rng)
+    x = rng.standard_normal((n_tokens, k), dtype=np.float32)
+    alone = np.concatenate(
+        [_core.quant_matmul(int(t), raw, k, x[i : i + 1]) for i in range(n_tokens)]
+    )
+    assert_bit_exact(_core.quant_matmul(int(t), raw, k, x), alone)
+
+
 @pytest.mark.parametrize("t", SUPPORTED, ids=lambda t: t.name)
 def test_quant_matmul_many_tokens(t):
     # More tokens than the kernels take per pass over the weights (64).

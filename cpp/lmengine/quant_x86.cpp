@@ -1,8 +1,12 @@
 // AVX2 (+FMA, F16C; VNNI when compiled in) kernels for matmul_rows. Each kernel computes a tile
 // of R weight rows x C tokens: a weight block is unpacked once and used for C tokens, an
-// activation block is loaded once and used for R rows. Decode (one token) streams the weights;
-// prefill reuses each unpacked block C times. Layouts: quant_internal.h. Results equal
+// activation block is loaded once and used for R rows. Decode (up to 4 tokens, e.g. the two
+// activation rows of a residual-quantized token) streams the weights once with prefetch; prefill
+// reuses each unpacked block C times. Layouts: quant_internal.h. Results equal
 // matmul_rows_reference up to float summation order.
+//
+// Batching invariance: y[t, r] goes through the same operations in the same order whatever the
+// tile shape, so it is bit-identical however many tokens share the call (tests/test_quant.py).
 //
 // Napkin math per 32 weights x 1 token (Q4_1: 20 bytes, 64 flops): ~2 uops to unpack the nibbles,
 // maddubs + madd (or one dpbusd), an int->float convert and one FMA with the broadcast scale.
@@ -69,12 +73,13 @@ inline __m256i expand_bits_to_0x10(const uint8_t* p) {
   return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
 }
 
-// Decode streams each weight byte once; the tile after this one reads the same offsets of the
-// next R rows, so fetch those while computing.
+// Decode streams each weight byte once: while computing R rows, fetch the same offsets of the R
+// rows `ahead` rows further down (ahead >= R; the tiles in between were fetched earlier).
 template <int R>
-inline void prefetch_next_tile(const uint8_t* w, int64_t w_stride, int64_t offset, int64_t bytes) {
+inline void prefetch_rows_ahead(const uint8_t* w, int64_t w_stride, int64_t ahead, int64_t offset,
+                                int64_t bytes) {
   for (int r = 0; r < R; ++r) {
-    const char* p = reinterpret_cast<const char*>(w + (r + R) * w_stride + offset);
+    const char* p = reinterpret_cast<const char*>(w + (r + ahead) * w_stride + offset);
     for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
   }
 }
@@ -91,6 +96,7 @@ struct TileArgs {
   int64_t k;
   float* y;  // y[c * ldy + r]
   int64_t ldy;
+  int64_t prefetch_ahead;  // streaming: rows ahead to prefetch (0: none; prefill revisits rows)
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -206,7 +212,9 @@ struct TileQ32 {
           if (F::kHasConstant) acc[r][c] = _mm256_fmadd_ps(cw[r], sx, acc[r][c]);
         }
       }
-      if (C == 1) prefetch_next_tile<R>(a.w, a.w_stride, b0 * F::kBytes, 8 * F::kBytes);
+      if (a.prefetch_ahead) {
+        prefetch_rows_ahead<R>(a.w, a.w_stride, a.prefetch_ahead, b0 * F::kBytes, 8 * F::kBytes);
+      }
       for (int j = 0; j < n; ++j) {
         const int64_t b = b0 + j;
         __m256i wq[R];
@@ -274,7 +282,9 @@ struct TileQ4K {
       for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
     }
     for (int64_t b = 0; b < nb; ++b) {
-      if (C == 1) prefetch_next_tile<R>(a.w, a.w_stride, b * kBytesQ4_K, kBytesQ4_K);
+      if (a.prefetch_ahead) {
+        prefetch_rows_ahead<R>(a.w, a.w_stride, a.prefetch_ahead, b * kBytesQ4_K, kBytesQ4_K);
+      }
       float d[R], dmin[R];
       __m256i scales[R], mins[R];
       for (int r = 0; r < R; ++r) {
@@ -350,7 +360,9 @@ struct TileQ6K {
       for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
     }
     for (int64_t b = 0; b < nb; ++b) {
-      if (C == 1) prefetch_next_tile<R>(a.w, a.w_stride, b * kBytesQ6_K, kBytesQ6_K);
+      if (a.prefetch_ahead) {
+        prefetch_rows_ahead<R>(a.w, a.w_stride, a.prefetch_ahead, b * kBytesQ6_K, kBytesQ6_K);
+      }
       float d[R];
       __m256i isum[R][C];
       for (int r = 0; r < R; ++r) {
@@ -472,7 +484,9 @@ struct TileFloat {
     }
     const int64_t k8 = a.k / 8 * 8;
     for (int64_t i = 0; i < k8; i += 8) {
-      if (C == 1) prefetch_next_tile<R>(a.w, a.w_stride, i * F::kBytes, 8 * F::kBytes);
+      if (a.prefetch_ahead) {
+        prefetch_rows_ahead<R>(a.w, a.w_stride, a.prefetch_ahead, i * F::kBytes, 8 * F::kBytes);
+      }
       __m256 wv[R];
       LME_UNROLL_TILE
       for (int r = 0; r < R; ++r) wv[r] = F::load8(a.w + r * a.w_stride + i * F::kBytes);
@@ -511,8 +525,11 @@ void run_tile(int r, int c, const TileArgs& a) {
   Tile::template run<R, C>(a);
 }
 
-// One token: kRowsDecode rows per tile. Otherwise kRowsPrefill x kTokensPrefill tiles, tokens
-// taken in chunks whose activation rows stay in L2 while every row tile passes over them.
+// Decode (n_tokens <= kTokensDecode, e.g. one token's two residual activation rows): tiles of
+// kRowsDecode1 rows (one token) or kRowsDecodeN rows (2 .. kTokensDecode tokens) x all tokens walk
+// down the rows, so each weight byte is read once, and rows further down are prefetched. Otherwise
+// kRowsPrefill x kTokensPrefill tiles, tokens taken in chunks whose activation rows stay in L2
+// while every row tile passes over them.
 struct MatrixArgs {
   int64_t k;
   const uint8_t* W;
@@ -523,16 +540,30 @@ struct MatrixArgs {
   int64_t ldy;
 };
 
-template <class Tile, int kRowsDecode, int kRowsPrefill, int kTokensPrefill>
+// Tiles of R rows x n_tokens <= C tokens down the whole matrix, prefetching `ahead` rows down.
+template <class Tile, int R, int C>
+void stream_rows(const MatrixArgs& m, int64_t ahead) {
+  for (int64_t r = 0; r < m.n_rows; r += R) {
+    const int nr = static_cast<int>(std::min<int64_t>(R, m.n_rows - r));
+    const TileArgs a{m.W + r * m.w_stride, m.w_stride, m.X, m.x_stride, m.k, m.Y + r, m.ldy, ahead};
+    run_tile<Tile, R, C>(nr, static_cast<int>(m.n_tokens), a);
+  }
+}
+
+template <class Tile, int kRowsDecode1, int kRowsDecodeN, int kTokensDecode, int kRowsPrefill,
+          int kTokensPrefill>
 bool run_matrix(const MatrixArgs& m) {
   const auto [k, W, w_stride, n_rows, X, x_stride, n_tokens, Y, ldy] = m;
   constexpr int64_t kTokenChunk = 64;
+  // Narrower multi-token tiles prefetch further than one tile ahead (8 rows measured at least as
+  // fast as 2 or 4 for 1- and 2-row tiles, within this machine's noise).
+  constexpr int64_t kPrefetchRowsN = std::max(kRowsDecodeN, 8);
   if (n_tokens == 1) {
-    for (int64_t r = 0; r < n_rows; r += kRowsDecode) {
-      const int nr = static_cast<int>(std::min<int64_t>(kRowsDecode, n_rows - r));
-      const TileArgs a{W + r * w_stride, w_stride, X, x_stride, k, Y + r, ldy};
-      run_tile<Tile, kRowsDecode, 1>(nr, 1, a);
-    }
+    stream_rows<Tile, kRowsDecode1, 1>(m, kRowsDecode1);
+    return true;
+  }
+  if (n_tokens <= kTokensDecode) {
+    stream_rows<Tile, kRowsDecodeN, kTokensDecode>(m, kPrefetchRowsN);
     return true;
   }
   for (int64_t t0 = 0; t0 < n_tokens; t0 += kTokenChunk) {
@@ -542,7 +573,7 @@ bool run_matrix(const MatrixArgs& m) {
       for (int64_t t = t0; t < t_end; t += kTokensPrefill) {
         const int nc = static_cast<int>(std::min<int64_t>(kTokensPrefill, t_end - t));
         const TileArgs a{W + r * w_stride, w_stride, X + t * x_stride, x_stride, k,
-                         Y + t * ldy + r,  ldy};
+                         Y + t * ldy + r,  ldy,      0};
         run_tile<Tile, kRowsPrefill, kTokensPrefill>(nr, nc, a);
       }
     }
@@ -568,28 +599,29 @@ namespace quant_detail {
 
 bool matmul_rows_simd(DType wt, int64_t k, const uint8_t* W, int64_t w_stride, int64_t n_rows,
                       const uint8_t* X, int64_t x_stride, int64_t n_tokens, float* Y, int64_t ldy) {
-  // Tile shapes (decode rows; prefill rows x tokens) measured on Zen 3: 4x4 for 32-blocks,
-  // 1x4 for K-quants (their per-row scale vectors fill the registers), 2x4 for float weights.
+  // Tile shapes measured on Zen 3 (decode rows for 1 token; for 2-4 tokens; prefill rows x
+  // tokens): 32-blocks 4; 2 (beat 1 and 3); 4x4. K-quants 2; 1 (beat 2); 1x4 (their per-row
+  // scale vectors fill the registers). Float weights 4; 4; 2x4.
   const MatrixArgs m{k, W, w_stride, n_rows, X, x_stride, n_tokens, Y, ldy};
   switch (wt) {
     case DType::Q4_0:
-      return run_matrix<TileQ32<FmtQ4_0>, 4, 4, 4>(m);
+      return run_matrix<TileQ32<FmtQ4_0>, 4, 2, 4, 4, 4>(m);
     case DType::Q4_1:
-      return run_matrix<TileQ32<FmtQ4_1>, 4, 4, 4>(m);
+      return run_matrix<TileQ32<FmtQ4_1>, 4, 2, 4, 4, 4>(m);
     case DType::Q5_0:
-      return run_matrix<TileQ32<FmtQ5_0>, 4, 4, 4>(m);
+      return run_matrix<TileQ32<FmtQ5_0>, 4, 2, 4, 4, 4>(m);
     case DType::Q8_0:
-      return run_matrix<TileQ32<FmtQ8_0>, 4, 4, 4>(m);
+      return run_matrix<TileQ32<FmtQ8_0>, 4, 2, 4, 4, 4>(m);
     case DType::Q4_K:
-      return run_matrix<TileQ4K, 2, 1, 4>(m);
+      return run_matrix<TileQ4K, 2, 1, 4, 1, 4>(m);
     case DType::Q6_K:
-      return run_matrix<TileQ6K, 2, 1, 4>(m);
+      return run_matrix<TileQ6K, 2, 1, 4, 1, 4>(m);
     case DType::F32:
-      return run_matrix<TileFloat<FmtF32>, 4, 2, 4>(m);
+      return run_matrix<TileFloat<FmtF32>, 4, 4, 4, 2, 4>(m);
     case DType::F16:
-      return run_matrix<TileFloat<FmtF16>, 4, 2, 4>(m);
+      return run_matrix<TileFloat<FmtF16>, 4, 4, 4, 2, 4>(m);
     case DType::BF16:
-      return run_matrix<TileFloat<FmtBF16>, 4, 2, 4>(m);
+      return run_matrix<TileFloat<FmtBF16>, 4, 4, 4, 2, 4>(m);
   }
   return false;
 }
