@@ -100,7 +100,9 @@ def test_logprobs_survive_batching(tiny_pool_llm):
             else:
                 assert event.logprobs is None
     np.testing.assert_allclose(logprobs, want.logprobs, rtol=0, atol=1e-6)
-    assert [[t for t, _ in row] for row in top] == [[t for t, _ in row] for row in want.top_logprobs]
+    assert [[t for t, _ in row] for row in top] == [
+        [t for t, _ in row] for row in want.top_logprobs
+    ]
 
 
 def test_chunked_prefill_runs_beside_decodes_within_the_budget(smollm2_gguf_path, english_text):

@@ -106,6 +106,44 @@ def greedy(max_tokens: int, **kw) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0, **kw)
 
 
+# -- AsyncEngine inside an asyncio application ------------------------------------------------
+
+
+def test_async_engine_embedded_in_asyncio(smollm2):
+    from lmengine import AsyncEngine
+    from lmengine.errors import InvalidRequestError
+
+    prompts = ["The capital of France is", "1+1="]
+    params = greedy(6, ignore_eos=True)
+    want = [smollm2.generate(p, params)[0] for p in prompts]
+
+    async def main():
+        async with AsyncEngine(smollm2) as engine:
+
+            async def run(prompt, request_id):
+                text, ids, last = "", [], None
+                async for event in engine.generate(prompt, params, request_id=request_id):
+                    text, ids, last = text + event.text, ids + event.token_ids, event
+                return text, ids, last
+
+            long = engine.generate("Once upon a time", greedy(200, ignore_eos=True), "long")
+            first = await long.__anext__()
+            results = await asyncio.gather(*(run(p, i) for i, p in enumerate(prompts)))
+            await engine.abort("long")
+            rest = [event async for event in long]
+            with pytest.raises(InvalidRequestError):
+                engine.generate("", params)
+            return results, first, rest, engine.stats()
+
+    results, first, rest, stats = asyncio.run(main())
+    for (text, ids, last), ref in zip(results, want):
+        assert ids == ref.token_ids and text == ref.text
+        assert last.finished and last.finish_reason == "length" and last.metrics["ttft_s"] > 0
+    assert len(first.token_ids) == 1
+    assert rest[-1].finish_reason == "abort" and rest[-1].num_output_tokens < 200
+    assert stats.running == stats.waiting == 0 and stats.free_pages == stats.total_pages
+
+
 # -- results equal the offline API ------------------------------------------------------------
 
 
@@ -229,7 +267,10 @@ def test_32_concurrent_clients_match_sequential_and_free_the_pool(server, smollm
         ) as aclient:
             calls = [
                 aclient.completions.create(
-                    model=MODEL, prompt=p, max_tokens=n, temperature=0,
+                    model=MODEL,
+                    prompt=p,
+                    max_tokens=n,
+                    temperature=0,
                     extra_body={"ignore_eos": True},
                 )  # fmt: skip
                 for p, n in cases
@@ -338,4 +379,6 @@ def test_metrics_are_prometheus_text(server):
     ):
         assert name in text
     for line in text.splitlines():
-        assert line.startswith("#") or re.fullmatch(r"[a-z0-9_]+(\{[^}]*\})? [-+0-9.eInf]+", line), line
+        assert line.startswith("#") or re.fullmatch(
+            r"[a-z0-9_]+(\{[^}]*\})? [-+0-9.eInf]+", line
+        ), line

@@ -6,7 +6,7 @@ from lmengine import (
 )
 from lmengine.sampling import SamplingParams
 
-__all__ = ["LLM", "RequestOutput", "SamplingParams", "errors", "__version__"]
+__all__ = ["LLM", "RequestOutput", "SamplingParams", "AsyncEngine", "errors", "__version__"]
 __version__ = "0.1.0"
 
 
@@ -16,4 +16,8 @@ def __getattr__(name: str):
         from lmengine import llm
 
         return getattr(llm, name)
+    if name == "AsyncEngine":
+        from lmengine.serving.async_engine import AsyncEngine
+
+        return AsyncEngine
     raise AttributeError(f"module 'lmengine' has no attribute {name!r}")

@@ -177,9 +177,7 @@ class AsyncEngine:
 
     def _start(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._run, name="lmengine-engine", daemon=True
-            )
+            self._thread = threading.Thread(target=self._run, name="lmengine-engine", daemon=True)
             self._thread.start()
 
     def _run(self) -> None:

@@ -6,6 +6,9 @@ API ignores what it does not know. vLLM's extra sampling fields (``top_k``, ``mi
 accepted too.
 """
 
+# pydantic evaluates these annotations at run time: Optional/Union keep them valid on Python 3.9.
+# ruff: noqa: UP007, UP045
+
 from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union

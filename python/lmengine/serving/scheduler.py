@@ -266,7 +266,17 @@ class Scheduler:
             np.asarray(s.tokens[s.n_computed : s.n_computed + plan[s]], dtype=np.int32)
             for s in seqs
         ]
-        logits = self.engine.step([s.seq for s in seqs], chunks, [False] * len(seqs))  # (rows, vocab)
+        try:
+            logits = self.engine.step([s.seq for s in seqs], chunks, [False] * len(seqs))
+        except KVCacheFullError:
+            # Pages taken since planning by sequences this scheduler does not own. The failed
+            # step changed nothing: make room from the young end and plan again next step.
+            if len(self._running) <= 1:
+                raise
+            self._preempt(self._running[-1])
+            self._snapshot()
+            return events
+        # logits: (len(seqs), vocab), one row per sequence (its last fed token)
         self.stats.steps += 1
         sampling_rows, sampling = [], []
         for row, s in enumerate(seqs):
@@ -367,9 +377,7 @@ class Scheduler:
             s.seq = self.engine.seq_create()
             if not s.t_admitted:
                 s.t_admitted = time.perf_counter()
-            self._running.insert(
-                bisect.bisect([r.arrival for r in self._running], s.arrival), s
-            )
+            self._running.insert(bisect.bisect([r.arrival for r in self._running], s.arrival), s)
             n = min(len(s.tokens), budget)
             plan[s] = n
             free -= _pages(n, ps)

@@ -14,8 +14,8 @@ aborts every request of its body, streaming or not, so their KV pages are freed 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -29,7 +29,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmengine.errors import (
     ContextLengthError,
-    InvalidRequestError,
     KVCacheFullError,
     LMEngineError,
     SamplingParamsError,
@@ -40,13 +39,17 @@ from lmengine.serving.metrics import CONTENT_TYPE, Counter, Gauge, Registry
 from lmengine.serving.protocol import ChatCompletionRequest, CompletionRequest, error_body
 from lmengine.serving.scheduler import TokenEvent
 
-__all__ = ["create_app", "DEFAULT_MAX_N"]
+__all__ = ["create_app", "serve", "DEFAULT_MAX_N"]
+
+log = logging.getLogger("lmengine.serving")
 
 DEFAULT_MAX_N = 16
 
 
 class _APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
 
@@ -63,7 +66,11 @@ def _engine_error(error: LMEngineError) -> _APIError:
         return _APIError(400, str(error), "prompt", "context_length_exceeded")
     if isinstance(error, SamplingParamsError):
         message = str(error)
-        param = message.split(".", 1)[1].split(" ", 1)[0] if message.startswith("SamplingParams.") else None
+        param = (
+            message.split(".", 1)[1].split(" ", 1)[0]
+            if message.startswith("SamplingParams.")
+            else None
+        )
         return _APIError(400, message.replace("SamplingParams.", "", 1), param)
     if isinstance(error, KVCacheFullError):
         return _APIError(400, str(error), "max_tokens", "kv_cache_too_small")
@@ -90,7 +97,9 @@ class _Choice:
     finish_reason: str | None = None
 
 
-def _sampling_params(body, max_tokens: int, logprobs: int | None, seed: int | None) -> SamplingParams:
+def _sampling_params(
+    body, max_tokens: int, logprobs: int | None, seed: int | None
+) -> SamplingParams:
     options: dict[str, Any] = {
         "max_tokens": max_tokens,
         "presence_penalty": body.presence_penalty,
@@ -168,7 +177,9 @@ class _Server:
                 )
         return choices
 
-    def tokenize_completion_prompts(self, body: CompletionRequest) -> tuple[list[list[int]], list[str]]:
+    def tokenize_completion_prompts(
+        self, body: CompletionRequest
+    ) -> tuple[list[list[int]], list[str]]:
         prompt = body.prompt
         if isinstance(prompt, str):
             texts = [prompt]
@@ -179,7 +190,9 @@ class _Server:
         elif all(isinstance(x, int) for x in prompt):
             return [list(prompt)], [self.engine.tokenizer.decode(prompt)]
         else:
-            raise _APIError(400, "prompt must be a string, strings, token ids or lists of them", "prompt")
+            raise _APIError(
+                400, "prompt must be a string, strings, token ids or lists of them", "prompt"
+            )
         ids = []
         for text in texts:
             if not text:
@@ -193,7 +206,9 @@ class _Server:
         if body.tools:
             raise _APIError(400, "tools are not supported", "tools")
         if body.response_format and body.response_format.get("type", "text") != "text":
-            raise _APIError(400, "only response_format {\"type\": \"text\"} is supported", "response_format")
+            raise _APIError(
+                400, 'only response_format {"type": "text"} is supported', "response_format"
+            )
         messages = []
         for m in body.messages:
             message = m.model_dump(exclude_none=True)
@@ -255,7 +270,9 @@ class _Server:
         if event.finished:
             choice.finish_reason = event.finish_reason
 
-    async def merged(self, choices: list[_Choice], streams) -> AsyncIterator[tuple[_Choice, TokenEvent]]:
+    async def merged(
+        self, choices: list[_Choice], streams
+    ) -> AsyncIterator[tuple[_Choice, TokenEvent]]:
         """Events of every choice as they come; closing this aborts whatever still runs."""
         events: asyncio.Queue = asyncio.Queue()
         done = object()
@@ -346,11 +363,11 @@ class _EventStream(StreamingResponse):
 
     async def __call__(self, scope, receive, send) -> None:
         async def stream() -> None:
-            await send(
-                {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
-            )
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             async for chunk in self.chunks:
-                await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
+                await send(
+                    {"type": "http.response.body", "body": chunk.encode(), "more_body": True}
+                )
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
         streamer = asyncio.ensure_future(stream())
@@ -360,8 +377,12 @@ class _EventStream(StreamingResponse):
         finally:
             listener.cancel()
             streamer.cancel()
-            with contextlib.suppress(BaseException):
+            try:
                 await streamer
+            except (asyncio.CancelledError, OSError):
+                pass  # the client left (uvicorn raises an OSError on send after a disconnect)
+            except Exception:
+                log.exception("event stream failed")
             await self.chunks.aclose()
             await self.cleanup()
 
@@ -381,12 +402,12 @@ async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> tuple[
         await asyncio.wait({task, listener}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         listener.cancel()
-    if task.done():
-        return True, task.result()
-    task.cancel()
-    with contextlib.suppress(BaseException):
-        await task
-    return False, None
+        if not task.done():
+            task.cancel()  # its finally blocks abort the engine requests
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        return False, None
+    return True, task.result()
 
 
 # --------------------------------------------------------------------------------------------
@@ -425,22 +446,41 @@ def create_app(engine: AsyncEngine, model_name: str, *, max_n: int = DEFAULT_MAX
     app = FastAPI(title="lmengine", version=__version__)
     registry = Registry()
     http_requests = registry.add(
-        Counter("lmengine_http_requests_total", "HTTP responses by route and status.", ["route", "status"])
+        Counter(
+            "lmengine_http_requests_total",
+            "HTTP responses by route and status.",
+            ["route", "status"],
+        )
     )
     stats = engine.stats
     for name, help_text, read in (
-        ("lmengine_num_requests_running", "Requests whose sequences are in the running batch.",
-         lambda: stats().running),
-        ("lmengine_num_requests_waiting", "Requests waiting for KV pages (new or preempted).",
-         lambda: stats().waiting),
+        (
+            "lmengine_num_requests_running",
+            "Requests whose sequences are in the running batch.",
+            lambda: stats().running,
+        ),
+        (
+            "lmengine_num_requests_waiting",
+            "Requests waiting for KV pages (new or preempted).",
+            lambda: stats().waiting,
+        ),
         ("lmengine_kv_cache_pages_total", "Pages in the KV pool.", lambda: stats().total_pages),
-        ("lmengine_kv_cache_pages_used", "KV pages held by sequences.",
-         lambda: stats().total_pages - stats().free_pages),
-        ("lmengine_kv_cache_usage_ratio", "Fraction of the KV pool in use (0-1).",
-         lambda: 1 - stats().free_pages / max(1, stats().total_pages)),
+        (
+            "lmengine_kv_cache_pages_used",
+            "KV pages held by sequences.",
+            lambda: stats().total_pages - stats().free_pages,
+        ),
+        (
+            "lmengine_kv_cache_usage_ratio",
+            "Fraction of the KV pool in use (0-1).",
+            lambda: 1 - stats().free_pages / max(1, stats().total_pages),
+        ),
         ("lmengine_kv_cache_page_size_tokens", "Tokens per KV page.", lambda: stats().page_size),
-        ("lmengine_num_preemptions_total", "Sequences preempted (pages freed, recomputed later).",
-         lambda: stats().preemptions),
+        (
+            "lmengine_num_preemptions_total",
+            "Sequences preempted (pages freed, recomputed later).",
+            lambda: stats().preemptions,
+        ),
         ("lmengine_engine_steps_total", "Batched engine steps run.", lambda: stats().steps),
     ):
         registry.add(Gauge(name, help_text, read))
@@ -451,7 +491,9 @@ def create_app(engine: AsyncEngine, model_name: str, *, max_n: int = DEFAULT_MAX
         errors = exc.errors()
         first = errors[0] if errors else {}
         if first.get("type") == "json_invalid":
-            return _error_response(400, f"Malformed JSON body: {first.get('msg', '')}", code="invalid_json")
+            return _error_response(
+                400, f"Malformed JSON body: {first.get('msg', '')}", code="invalid_json"
+            )
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         param = ".".join(loc) or None
         message = "; ".join(
@@ -504,7 +546,9 @@ def create_app(engine: AsyncEngine, model_name: str, *, max_n: int = DEFAULT_MAX
         if body.suffix:
             raise _APIError(400, "suffix is not supported", "suffix")
         if body.max_tokens is not None and body.max_tokens < 1:
-            raise _APIError(400, f"max_tokens must be at least 1, got {body.max_tokens}", "max_tokens")
+            raise _APIError(
+                400, f"max_tokens must be at least 1, got {body.max_tokens}", "max_tokens"
+            )
         if body.echo and body.logprobs is not None:
             raise _APIError(400, "echo with logprobs is not supported", "echo")
         prompts, texts = server.tokenize_completion_prompts(body)
@@ -542,19 +586,44 @@ def create_app(engine: AsyncEngine, model_name: str, *, max_n: int = DEFAULT_MAX
                 try:
                     for c in choices:
                         if c.echo_text:
-                            yield chunk([{"index": c.index, "text": c.echo_text, "logprobs": None, "finish_reason": None}])
+                            yield chunk(
+                                [
+                                    {
+                                        "index": c.index,
+                                        "text": c.echo_text,
+                                        "logprobs": None,
+                                        "finish_reason": None,
+                                    }
+                                ]
+                            )
                     async for c, event in server.merged(choices, streams):
                         server.absorb(c, event)
                         if not (event.text or event.finished or (want_lp and event.token_ids)):
                             continue
-                        lp = logprobs_of(c, event.token_ids, event.logprobs or [], event.top_logprobs or [], offsets[c.index])
-                        offsets[c.index] += sum(len(server.token_text(t)) for t in event.token_ids) if want_lp else 0
-                        yield chunk([{
-                            "index": c.index,
-                            "text": event.text,
-                            "logprobs": lp,
-                            "finish_reason": event.finish_reason if event.finished else None,
-                        }])
+                        lp = logprobs_of(
+                            c,
+                            event.token_ids,
+                            event.logprobs or [],
+                            event.top_logprobs or [],
+                            offsets[c.index],
+                        )
+                        offsets[c.index] += (
+                            sum(len(server.token_text(t)) for t in event.token_ids)
+                            if want_lp
+                            else 0
+                        )
+                        yield chunk(
+                            [
+                                {
+                                    "index": c.index,
+                                    "text": event.text,
+                                    "logprobs": lp,
+                                    "finish_reason": event.finish_reason
+                                    if event.finished
+                                    else None,
+                                }
+                            ]
+                        )
                     if include_usage:
                         yield chunk([], server.usage(choices))
                 except LMEngineError as error:
@@ -588,9 +657,15 @@ def create_app(engine: AsyncEngine, model_name: str, *, max_n: int = DEFAULT_MAX
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         server.check_common(body)
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        max_tokens = (
+            body.max_completion_tokens
+            if body.max_completion_tokens is not None
+            else body.max_tokens
+        )
         if max_tokens is not None and max_tokens < 1:
-            param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+            param = (
+                "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+            )
             raise _APIError(400, f"{param} must be at least 1, got {max_tokens}", param)
         if body.top_logprobs is not None and not body.logprobs:
             raise _APIError(400, "top_logprobs needs logprobs set to true", "top_logprobs")
@@ -619,31 +694,45 @@ def create_app(engine: AsyncEngine, model_name: str, *, max_n: int = DEFAULT_MAX
 
                 try:
                     for c in choices:
-                        yield chunk([{
-                            "index": c.index,
-                            "delta": {"role": "assistant", "content": ""},
-                            "logprobs": None,
-                            "finish_reason": None,
-                        }])
+                        yield chunk(
+                            [
+                                {
+                                    "index": c.index,
+                                    "delta": {"role": "assistant", "content": ""},
+                                    "logprobs": None,
+                                    "finish_reason": None,
+                                }
+                            ]
+                        )
                     async for c, event in server.merged(choices, streams):
                         server.absorb(c, event)
                         if event.text or (logprobs is not None and event.token_ids):
                             lp = None
                             if logprobs is not None:
-                                lp = server.chat_logprobs(event.token_ids, event.logprobs or [], event.top_logprobs or [])
-                            yield chunk([{
-                                "index": c.index,
-                                "delta": {"content": event.text},
-                                "logprobs": lp,
-                                "finish_reason": None,
-                            }])
+                                lp = server.chat_logprobs(
+                                    event.token_ids, event.logprobs or [], event.top_logprobs or []
+                                )
+                            yield chunk(
+                                [
+                                    {
+                                        "index": c.index,
+                                        "delta": {"content": event.text},
+                                        "logprobs": lp,
+                                        "finish_reason": None,
+                                    }
+                                ]
+                            )
                         if event.finished:
-                            yield chunk([{
-                                "index": c.index,
-                                "delta": {},
-                                "logprobs": None,
-                                "finish_reason": event.finish_reason,
-                            }])
+                            yield chunk(
+                                [
+                                    {
+                                        "index": c.index,
+                                        "delta": {},
+                                        "logprobs": None,
+                                        "finish_reason": event.finish_reason,
+                                    }
+                                ]
+                            )
                     if include_usage:
                         yield chunk([], server.usage(choices))
                 except LMEngineError as error:
