@@ -300,3 +300,12 @@ def test_safetensors_dir_errors(tmp_path):
     with pytest.raises(ModelFileError):
         LLM(tmp_path)
     shutil.rmtree(tmp_path)
+
+
+def test_long_decode_matches_prefill(smollm2, english_text):
+    # Hundreds of decode steps past the first prefill: every per-step buffer must keep growing
+    # correctly (a too-small attention scratch once corrupted the heap here).
+    ids = smollm2.tokenizer.encode(english_text)[:700]
+    full = smollm2.logits(ids)
+    stepped = smollm2.logits(ids, prefill=300)
+    assert np.max(np.abs(full - stepped)) <= 1e-3 * (full.max() - full.min())

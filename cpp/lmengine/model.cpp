@@ -172,9 +172,12 @@ void Engine::ensure_scratch(int64_t n_tokens, int64_t n_out, int64_t max_ctx) {
     S.cap_out = n_out;
     S.out_tok.assign(n_out, 0);
   }
-  if (max_ctx > S.cap_ctx) {
-    // Scores are indexed from the start of the first page touched: one page of slack.
-    S.cap_ctx = std::max<int64_t>(max_ctx, 256) + kv_.config().page_size;
+  // Scores are indexed from the start of the first page touched and a page is scored whole:
+  // the row needs max_ctx plus one page of slack.
+  if (max_ctx + kv_.config().page_size > S.cap_ctx) {
+    int64_t cap = 256;
+    while (cap < max_ctx) cap *= 2;  // grow geometrically: decode adds one position per step
+    S.cap_ctx = cap + kv_.config().page_size;
     const int64_t g = c.n_heads / c.n_kv_heads;
     S.scores.assign(int64_t(pool_.size()) * g * S.cap_ctx, 0.f);
     S.kv_tmp.assign(int64_t(pool_.size()) * 2 * kv_.config().page_size * c.head_dim, 0.f);
