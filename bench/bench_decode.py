@@ -20,14 +20,16 @@ Method
   length and lie in the vocabulary; they are printed, and compared across systems, before timing.
 - Timings are medians over --reps calls after a warm-up. `gen(ids, n)` is one greedy generation
   of exactly n tokens (EOS ignored):
-    prefill tok/s = prompt_tokens / median t(gen(prompt, 1))
+    prefill tok/s = prompt_tokens / median t(gen(prompt, 1))    (--prompt-tokens)
     decode  tok/s = (n - 1) / median(end of gen(prompt, n) - time its first token was chosen)
   The time of the first token comes from each system: lmengine's RequestOutput.metrics
   (total_s - ttft_s), llama.cpp's loop (written here), HF's first LogitsProcessor call. The
   subtraction estimate (n - 1) / (median t(gen(prompt, n)) - median t(gen(prompt', 1))), prompt'
   another prompt of the same length, is computed for every system too: it is the fallback where a
-  system gives no first-token time, and a cross-check kept in the JSON. Decode @long runs at a
-  context of --long-prompt-tokens, where attention over the KV cache is no longer negligible.
+  system gives no first-token time, and a cross-check kept in the JSON (after the long prompt
+  only with --cross-check: it costs --reps more long prefills). Decode @long runs at a context of
+  --long-prompt-tokens, where attention over the KV cache is no longer negligible; the prefill of
+  that prompt (wall time minus decode time of the same calls) is reported as prefill @long.
 - Load time is the model constructor alone (imports excluded); for HF it includes the
   dequantization to fp32. Peak RSS is the worker process's ru_maxrss, imports included.
 - The load average is printed before and after: other work on the machine skews every number.
@@ -102,8 +104,10 @@ def measure_system(gen, cfg: dict) -> dict:
 
     `gen(ids, n)` greedily generates exactly n tokens (EOS ignored) and returns (tokens,
     decode_s): the seconds from the first token being chosen to the last, i.e. n - 1 decode
-    steps, or None where the system cannot tell. The subtraction estimate (t(n) - t(1) on another
-    prompt of the same length) is always computed too, as the fallback and as a cross-check.
+    steps, or None where the system cannot tell. Where it cannot, decode time is estimated by
+    subtraction, t(n) - t(1) on another prompt of the same length; that estimate is also made
+    after the short prompt always (it is cheap there) and after the long one with --cross-check
+    (it costs --reps extra long prefills).
     """
     prompts = cfg["prompts"]
     vocab_size = cfg["vocab_size"]
@@ -116,8 +120,7 @@ def measure_system(gen, cfg: dict) -> dict:
         raise RuntimeError(f"token id outside the vocabulary: {first_tokens}")
     log(f"  validated: first tokens {first_tokens}")
 
-    gen(prompts["warmup_prefill"], 2)
-    gen(prompts["warmup_long"], 2)
+    gen(prompts["warmup"], 2)
 
     def run_all(prompt_list, n):
         walls, decodes = [], []
@@ -139,26 +142,32 @@ def measure_system(gen, cfg: dict) -> dict:
 
     for key, n in (("short", cfg["decode_tokens"]), ("long", cfg["long_decode_tokens"])):
         prompt_len = len(prompts[f"{key}_many"][0])
-        walls_one, _ = run_all(prompts[f"{key}_one"], 1)
         walls_many, decodes = run_all(prompts[f"{key}_many"], n)
-        decode_s = statistics.median(walls_many) - statistics.median(walls_one)
-        subtracted = (n - 1) / decode_s if decode_s > 0 else None
         direct = None
         if all(d is not None for d in decodes):
             direct = (n - 1) / statistics.median(decodes)
+            # What is left of each call is its prefill (and first token): a prefill rate at
+            # this prompt length that costs nothing extra.
+            prefill_s = statistics.median(w - d for w, d in zip(walls_many, decodes))
+            result[f"prefill_{key}_tok_s"] = prompt_len / prefill_s
+        subtracted, walls_one = None, None
+        if direct is None or key == "short" or cfg["cross_check"]:
+            walls_one, _ = run_all(prompts[f"{key}_one"], 1)
+            decode_s = statistics.median(walls_many) - statistics.median(walls_one)
+            subtracted = (n - 1) / decode_s if decode_s > 0 else None
         result.update(
             {
                 f"decode_{key}_tok_s": direct if direct is not None else subtracted,
                 f"decode_{key}_method": "direct" if direct is not None else "subtraction",
                 f"decode_{key}_tok_s_subtraction": subtracted,
                 f"decode_{key}_tokens": n,
-                f"prefill_{key}_tok_s": prompt_len / statistics.median(walls_one),
                 f"decode_{key}_times_s": {"one": walls_one, "many": walls_many, "direct": decodes},
             }
         )
+        cross = "" if subtracted is None else f"; subtraction gives {subtracted:.1f}"
         log(
             f"  decode {n} tokens after {prompt_len}: {result[f'decode_{key}_tok_s'] or 0:.1f} "
-            f"tok/s ({result[f'decode_{key}_method']}; subtraction gives {subtracted or 0:.1f})"
+            f"tok/s ({result[f'decode_{key}_method']}{cross})"
         )
     return result
 
@@ -481,8 +490,7 @@ def make_prompts(stream: list[int], args, reps: int) -> dict:
     """Windows of the token stream at distinct offsets, so no two calls share a prefix."""
     windows_needed = {
         "validate": (1, args.short_prompt_tokens),
-        "warmup_prefill": (1, args.prompt_tokens),
-        "warmup_long": (1, args.long_prompt_tokens),
+        "warmup": (1, args.prompt_tokens),
         "prefill": (reps, args.prompt_tokens),
         "short_one": (reps, args.short_prompt_tokens),
         "short_many": (reps, args.short_prompt_tokens),
@@ -500,9 +508,7 @@ def make_prompts(stream: list[int], args, reps: int) -> dict:
         for _ in range(count):
             windows.append(stream[offset : offset + length])
             offset += stride
-        prompts[key] = (
-            windows[0] if key in ("validate", "warmup_prefill", "warmup_long") else windows
-        )
+        prompts[key] = windows[0] if key in ("validate", "warmup") else windows
     return prompts
 
 
@@ -539,6 +545,11 @@ def main() -> None:
     parser.add_argument("--hf-long-decode-tokens", type=int, default=32)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke test")
+    parser.add_argument(
+        "--cross-check",
+        action="store_true",
+        help="also time decode @long by subtraction where a direct time exists (slow)",
+    )
     parser.add_argument("--no-install", action="store_true", help="skip llama.cpp if not built")
     parser.add_argument("--llamacpp-python", help="python with llama_cpp (default: side venv)")
     parser.add_argument("--results-dir", default=str(Path(__file__).parent / "results"))
@@ -615,6 +626,7 @@ def main() -> None:
             "prompts": prompts,
             "decode_tokens": args.hf_decode_tokens if is_hf else args.decode_tokens,
             "long_decode_tokens": args.hf_long_decode_tokens if is_hf else args.decode_tokens,
+            "cross_check": args.cross_check,
         }
         log(f"{system}: running ...")
         result = run_worker(system, pythons[system], cfg, results_dir, 3600)
@@ -664,7 +676,10 @@ def report(args, model, limits, params, tokenizer_name, results, results_dir, st
         (r["validate_prompt_text"] for r in ok.values() if "validate_prompt_text" in r), None
     )
     print(f"\nvalidation: first greedy tokens after the short prompt {prompt_text!r}")
-    reference = ok.get("llamacpp") or next(iter(ok.values()), None)
+    # HF runs the GGUF's weights dequantized to fp32 with fp32 activations: the plain reference.
+    # llama.cpp quantizes activations to 8 bits, so it may drift from it after a few tokens.
+    reference = ok.get("hf") or ok.get("llamacpp") or next(iter(ok.values()), None)
+    reference_name = next((name for name, r in ok.items() if r is reference), None)
     for name, r in ok.items():
         agree = ""
         if reference is not None and r is not reference:
@@ -673,7 +688,7 @@ def report(args, model, limits, params, tokenizer_name, results, results_dir, st
                 if a != b:
                     break
                 same += 1
-            agree = f"  ({same}/{VALIDATION_TOKENS} leading tokens agree with the reference)"
+            agree = f"  ({same}/{VALIDATION_TOKENS} leading tokens agree with {reference_name})"
         print(f"  {name:9s} {r['first_tokens']} {r.get('first_text')!r}{agree}")
 
     rows = []
@@ -685,7 +700,7 @@ def report(args, model, limits, params, tokenizer_name, results, results_dir, st
             decode_short = r["decode_short_tok_s"]
             row.update(
                 prefill_tok_s=r["prefill_tok_s"],
-                prefill_long_tok_s=r["prefill_long_tok_s"],
+                prefill_long_tok_s=r.get("prefill_long_tok_s"),
                 decode_short_tok_s=decode_short,
                 decode_short_tokens=r["decode_short_tokens"],
                 decode_long_tok_s=r["decode_long_tok_s"],
@@ -701,11 +716,11 @@ def report(args, model, limits, params, tokenizer_name, results, results_dir, st
         rows.append(row)
 
     header = (
-        f"{'system':9s} {'prefill':>9s} {'decode':>9s} {'decode':>9s} {'decode':>7s} "
-        f"{'of bound':>8s} {'load':>6s} {'peak RSS':>9s}"
+        f"{'system':9s} {'prefill':>9s} {'prefill':>9s} {'decode':>9s} {'decode':>9s} "
+        f"{'decode':>7s} {'of bound':>8s} {'load':>6s} {'peak RSS':>9s}"
     )
     sub = (
-        f"{'':9s} {'tok/s':>9s} {'@short':>9s} {'@long':>9s} {'GB/s':>7s} "
+        f"{'':9s} {'tok/s':>9s} {'@long':>9s} {'@short':>9s} {'@long':>9s} {'GB/s':>7s} "
         f"{'(decode)':>8s} {'s':>6s} {'MB':>9s}"
     )
     print(
@@ -721,13 +736,14 @@ def report(args, model, limits, params, tokenizer_name, results, results_dir, st
         decode_short = row["decode_short_tok_s"]
         of_bound = decode_short / row["decode_bound_tok_s"] if decode_short else None
         print(
-            f"{row['system']:9s} {row['prefill_tok_s']:9.1f} {fmt(decode_short):>9s} "
+            f"{row['system']:9s} {row['prefill_tok_s']:9.1f} {fmt(row['prefill_long_tok_s']):>9s} "
+            f"{fmt(decode_short):>9s} "
             f"{fmt(row['decode_long_tok_s']):>9s} {fmt(row['decode_short_GBps'], '.2f'):>7s} "
             f"{fmt(of_bound, '.0%'):>8s} {row['load_s']:6.2f} {row['peak_rss_mb']:9.0f}"
         )
     print(
-        "  decode GB/s = weight bytes streamed per token x decode tok/s @short; of bound = that "
-        "over the copy bandwidth"
+        "  prefill @long = the long prompt's prefill, read off the decode @long calls; decode GB/s "
+        "= weight bytes per token x decode tok/s @short; of bound = that / copy bandwidth"
     )
     for name in ok:
         if ok[name]["decode_short_method"] != "direct":
