@@ -141,7 +141,7 @@ void Engine::ensure_scratch(int64_t n_tokens, int64_t n_out, int64_t max_ctx) {
     const int64_t T = S.cap_tokens;
     const int64_t q_dim = int64_t(c.n_heads) * c.head_dim, kv_dim = int64_t(c.n_kv_heads) * c.head_dim;
     S.x.assign(T * c.d_model, 0.f);
-    S.xn.assign(T * std::max<int64_t>(c.d_model, q_dim), 0.f);
+    S.xn.assign(T * c.d_model, 0.f);
     S.q.assign(T * q_dim, 0.f);
     S.k.assign(T * kv_dim, 0.f);
     S.v.assign(T * kv_dim, 0.f);

@@ -25,10 +25,6 @@ float dot_f32(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-void axpy_f32(float a, const float* x, float* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
-}
-
 void rmsnorm_row(const float* x, const float* w, float* y, int64_t n, float eps) {
   const float ss = dot_f32(x, x, n);
   const float scale = 1.0f / std::sqrt(ss / static_cast<float>(n) + eps);

@@ -8,8 +8,6 @@
 namespace lme {
 
 float dot_f32(const float* a, const float* b, int64_t n);
-// y += a * x
-void axpy_f32(float a, const float* x, float* y, int64_t n);
 // y = x / rms(x) * w, rms over n elements with eps inside the square root (fp32).
 void rmsnorm_row(const float* x, const float* w, float* y, int64_t n, float eps);
 // gate = silu(gate) * up

@@ -38,7 +38,6 @@ class ThreadPool {
   void run(const std::function<void(int, int)>& fn, int64_t max_ops);
 
   OpProgress& op(int64_t index) { return ops_[static_cast<size_t>(index)]; }
-  int64_t op_capacity() const { return n_ops_; }
 
  private:
   void worker_loop(int tid);

@@ -25,7 +25,7 @@ from lmengine.errors import (
     KVCacheFullError,
 )
 from lmengine.models.loader import LoadedCheckpoint, load_checkpoint
-from lmengine.sampling import Sampler, SamplingParams, StopChecker
+from lmengine.sampling import Sampler, SamplingParams, StopChecker, end_of_request
 from lmengine.tokenizer import Tokenizer
 
 __all__ = ["LLM", "RequestOutput"]
@@ -423,26 +423,9 @@ class LLM:
         if r.params.logprobs is not None:
             r.logprobs.append(res.logprob)
             r.top_logprobs.append(res.top_logprobs or [])
-        if not r.params.ignore_eos and tok in self.tokenizer.eos_token_ids:
-            r.finish_reason, r.stop_reason = "stop", tok
-            return self._finish_text(r), True
-        if r.params.stop_token_ids and tok in r.params.stop_token_ids:
-            r.finish_reason, r.stop_reason = "stop", tok
-            return self._finish_text(r), True
-        update = r.stops.append(r.detok.add(tok))
-        if update.stopped:
-            r.finish_reason, r.stop_reason = "stop", update.stop_str
-            return update.text, True
-        if len(r.out_ids) >= r.max_new:
-            r.finish_reason = "length"
-            return update.text + self._finish_text(r), True
-        return update.text, False
-
-    @staticmethod
-    def _finish_text(r: _Request) -> str:
-        """Releases text still held by the detokenizer and the stop checker at the end."""
-        tail = r.stops.append(r.detok.flush())
-        if tail.stopped:
-            r.finish_reason, r.stop_reason = "stop", tail.stop_str
-            return tail.text
-        return tail.text + r.stops.finish()
+        reason, text, stop_reason = end_of_request(
+            tok, r.params, self.tokenizer.eos_token_ids, r.stops, r.detok, len(r.out_ids), r.max_new
+        )
+        if reason is not None:
+            r.finish_reason, r.stop_reason = reason, stop_reason
+        return text, reason is not None

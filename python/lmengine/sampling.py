@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -641,3 +641,32 @@ class StopChecker:
         released = self._text[self._emitted : end]
         self._emitted = end
         return released
+
+
+def end_of_request(
+    token: int,
+    params: SamplingParams,
+    eos_token_ids: Collection[int],
+    stops: StopChecker,
+    detok,
+    n_output: int,
+    max_new: int,
+) -> tuple[str | None, str, str | int | None]:
+    """After sampling ``token`` (the ``n_output``-th): (finish reason or None, text to emit,
+    stop reason). Rules, in order: EOS (unless ignore_eos) or a stop token id; a stop string
+    completed by the new text; ``max_new`` reached. ``detok`` is the request's incremental
+    detokenizer; text it still holds is released at the end."""
+    if (not params.ignore_eos and token in eos_token_ids) or token in (params.stop_token_ids or ()):
+        tail = stops.append(detok.flush())
+        if tail.stopped:
+            return "stop", tail.text, tail.stop_str
+        return "stop", tail.text + stops.finish(), token
+    update = stops.append(detok.add(token))
+    if update.stopped:
+        return "stop", update.text, update.stop_str
+    if n_output < max_new:
+        return None, update.text, None
+    tail = stops.append(detok.flush())
+    if tail.stopped:
+        return "stop", update.text + tail.text, tail.stop_str
+    return "length", update.text + tail.text + stops.finish(), None

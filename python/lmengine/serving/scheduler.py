@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from lmengine.errors import ContextLengthError, InvalidRequestError, KVCacheFullError
-from lmengine.sampling import Sampler, SamplingParams, StopChecker, greedy
+from lmengine.sampling import Sampler, SamplingParams, StopChecker, end_of_request, greedy
 
 __all__ = ["Scheduler", "TokenEvent", "SchedulerStats"]
 
@@ -430,23 +430,11 @@ class Scheduler:
         return event
 
     def _check_end(self, s: _Sequence, token: int) -> tuple[str | None, str, str | int | None]:
-        """(finish reason or None, text to emit, stop reason) after ``token``; the same rules
-        as ``LLM``: EOS / stop token, then stop strings, then max_tokens."""
-        params = s.params
-        if (not params.ignore_eos and token in self._eos_ids) or token in params.stop_token_ids:
-            tail = s.stops.append(s.detok.flush())
-            if tail.stopped:
-                return "stop", tail.text, tail.stop_str
-            return "stop", tail.text + s.stops.finish(), token
-        update = s.stops.append(s.detok.add(token))
-        if update.stopped:
-            return "stop", update.text, update.stop_str
-        if s.n_output < s.max_new:
-            return None, update.text, None
-        tail = s.stops.append(s.detok.flush())
-        if tail.stopped:
-            return "stop", update.text + tail.text, tail.stop_str
-        return "length", update.text + tail.text + s.stops.finish(), None
+        """(finish reason or None, text to emit, stop reason) after ``token``; the rules are
+        ``sampling.end_of_request``, shared with ``LLM``."""
+        return end_of_request(
+            token, s.params, self._eos_ids, s.stops, s.detok, s.n_output, s.max_new
+        )
 
     def _final(self, s: _Sequence, reason: str, error: Exception | None = None) -> TokenEvent:
         """A closing event without a token (abort, error)."""
