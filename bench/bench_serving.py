@@ -108,6 +108,8 @@ def start_lmengine(args, port: int, kv_tokens: int, log_file) -> subprocess.Pope
         "-t", str(args.threads), "--kv-cache-tokens", str(kv_tokens),
         "--max-step-tokens", str(args.max_step_tokens), "--log-level", "warning",
     ]  # fmt: skip
+    if args.step_time_target > 0:
+        cmd += ["--step-time-target", str(args.step_time_target)]
     return subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
 
 
@@ -316,6 +318,12 @@ def main() -> None:
     parser.add_argument("--min-output", type=int, default=16)
     parser.add_argument("--max-output", type=int, default=64)
     parser.add_argument("--max-step-tokens", type=int, default=512, help="lmengine's step budget")
+    parser.add_argument(
+        "--step-time-target",
+        type=float,
+        default=0.05,
+        help="lmengine's per-step time bound with decodes running, seconds (0: none)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke test")
     parser.add_argument("--llamacpp-python", help="python with llama_cpp (default: side venv)")

@@ -10,6 +10,7 @@ import pytest
 from lmengine import LLM, SamplingParams
 from lmengine.errors import ContextLengthError, InvalidRequestError, KVCacheFullError
 from lmengine.serving import Scheduler
+from lmengine.serving.step_cost import StepCostModel
 
 PROMPTS = [
     "The capital of France is",
@@ -186,3 +187,82 @@ def test_requests_that_can_never_run_are_refused(smollm2_gguf_path, tiny_pool_ll
     short = LLM(smollm2_gguf_path, n_threads=1, max_context=16, kv_cache_tokens=64)
     with pytest.raises(ContextLengthError, match="context"):
         Scheduler.for_llm(short).add_request("long", list(range(100, 120)), SamplingParams())
+
+
+class FrozenCostModel(StepCostModel):
+    """A step-time model with fixed coefficients: ignores the real steps it is shown."""
+
+    def __init__(self, a, b, c, e):
+        super().__init__()
+        self._fixed = np.array([a, b, c, e])
+
+    def observe(self, *args):
+        pass
+
+    @property
+    def ready(self):
+        return True
+
+    @property
+    def coefficients(self):
+        return self._fixed
+
+
+def test_step_time_target_keeps_prompt_chunks_to_the_slack_of_decode_steps(
+    smollm2_gguf_path, english_text
+):
+    llm = LLM(smollm2_gguf_path, n_threads=2, kv_cache_tokens=512)
+    engine = RecordingEngine(llm._engine)
+    scheduler = Scheduler(
+        engine,
+        llm.tokenizer,
+        vocab_size=llm.vocab_size,
+        max_context=llm.max_context,
+        step_time_target=0.04,
+    )
+    # 10 ms a step + 1 ms a decode + 5 ms a prompt token: one decode leaves room for 5 tokens.
+    scheduler.cost_model = FrozenCostModel(0.010, 0.001, 0.005, 0.0)
+    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    long_ids = llm.tokenizer.encode(english_text)[:23]
+    scheduler.add_request("short", llm.tokenizer.encode(PROMPTS[0]), sp)
+    first = scheduler.step()  # the short prompt alone: no decodes yet, so no limit
+    scheduler.add_request("long", long_ids, sp)
+    results = run_to_end(scheduler)
+    results["short"]["ids"][:0] = [t for e in first for t in e.token_ids]
+
+    mixed = [step for step in engine.steps[1:] if any(n == 1 for _, n in step) and len(step) > 1]
+    assert mixed, "the long prompt was meant to be prefilled beside the short one's decodes"
+    for step in mixed:
+        assert sum(n for _, n in step if n > 1) <= 5, step
+    assert results["short"]["ids"] == llm.generate(PROMPTS[0], sp)[0].token_ids
+    assert results["long"]["ids"] == llm.generate_ids(long_ids, sp).token_ids
+
+
+def test_step_time_target_is_validated(tiny_pool_llm):
+    with pytest.raises(InvalidRequestError, match="step_time_target"):
+        Scheduler.for_llm(tiny_pool_llm, step_time_target=0)
+
+
+def test_step_cost_model_recovers_a_linear_cost_and_sizes_the_slack():
+    rng = np.random.default_rng(0)
+    model = StepCostModel(window=64)
+    assert model.prefill_allowance(4, 0, 100.0, 0, 0.05) is None  # no samples yet
+    a, b, c, e = 0.012, 0.0008, 0.004, 0.0003
+    for _ in range(64):
+        n_dec, n_pre = int(rng.integers(0, 16)), int(rng.integers(0, 64))
+        attended = float(rng.integers(0, 20000))
+        t = a + b * n_dec + c * n_pre + e * attended / 1000
+        model.observe(n_dec, n_pre, attended, t * (1 + rng.normal(0, 0.01)))
+    np.testing.assert_allclose(model.coefficients, [a, b, c, e], rtol=0.1, atol=2e-4)
+    # 8 decodes over 4000 positions leave 0.05 - 0.0196 = 30.4 ms: about 7 tokens at
+    # position 100 (4 ms each plus their attention), none when the decodes alone fill it.
+    n = model.prefill_allowance(8, 0, 4000.0, 100, 0.05)
+    assert 6 <= n <= 8
+    cost = model.predict(8, n, 4000.0 + n * 100 + n * (n + 1) / 2)
+    assert cost <= 0.05 * 1.001
+    assert model.prefill_allowance(60, 0, 4000.0, 100, 0.05) == 0
+    # Steps of one kind only (all decodes): the unseen prompt cost is not guessed as negative.
+    only = StepCostModel()
+    for n_dec in range(1, 17):
+        only.observe(n_dec, 0, 0.0, 0.01 + 0.001 * n_dec)
+    assert (only.coefficients >= 0).all()

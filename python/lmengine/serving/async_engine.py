@@ -49,7 +49,9 @@ class AsyncEngine:
 
     ``model`` is a loaded ``LLM`` or anything ``LLM()`` accepts (then ``llm_kwargs`` go to it).
     ``max_step_tokens`` (default: the LLM's) caps the tokens of one step, ``max_running`` the
-    sequences in one step. Safe to call from several event loops and threads.
+    sequences in one step, ``step_time_target`` (seconds) the predicted time of a step that holds
+    decodes (prompt chunks only fill its slack; see ``Scheduler``). Safe to call from several
+    event loops and threads.
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class AsyncEngine:
         *,
         max_step_tokens: int | None = None,
         max_running: int = 256,
+        step_time_target: float | None = None,
         **llm_kwargs: Any,
     ):
         from lmengine.llm import LLM
@@ -69,7 +72,7 @@ class AsyncEngine:
         else:
             self.llm = LLM(model, **llm_kwargs)
         self.tokenizer = self.llm.tokenizer
-        options = {"max_running": max_running}
+        options: dict[str, Any] = {"max_running": max_running, "step_time_target": step_time_target}
         if max_step_tokens is not None:
             options["max_step_tokens"] = max_step_tokens
         self.scheduler = Scheduler.for_llm(self.llm, **options)

@@ -17,6 +17,13 @@ def add_serve_parser(sub) -> None:
         "--served-model-name", default=None, help="the model's id in the API (default: -m)"
     )
     p.add_argument("--max-step-tokens", type=int, default=512, help="token budget of one step")
+    p.add_argument(
+        "--step-time-target",
+        type=float,
+        default=None,
+        help="seconds: steps with decodes take prompt tokens only while their predicted time "
+        "stays under this (bounds time per output token; default: no bound)",
+    )
     p.add_argument("--max-running", type=int, default=256, help="sequences in one step, at most")
     p.add_argument("--max-n", type=int, default=16, help="largest n (choices) a request may ask")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -30,7 +37,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from lmengine.serving.server import serve
 
     llm = _load(args)
-    engine = AsyncEngine(llm, max_step_tokens=args.max_step_tokens, max_running=args.max_running)
+    engine = AsyncEngine(
+        llm,
+        max_step_tokens=args.max_step_tokens,
+        max_running=args.max_running,
+        step_time_target=args.step_time_target,
+    )
     name = args.served_model_name or args.model
     print(
         f"[lmengine] serving {name!r} on http://{args.host}:{args.port}/v1 "

@@ -5,7 +5,11 @@ Every ``step()`` builds one batch for ``Engine.step`` and runs it:
 1. one decode token for each running sequence whose known tokens are all in the KV cache but the
    last (decodes go first, so a long prompt never stalls generation);
 2. prompt chunks of running sequences still being prefilled, then of newly admitted ones, until
-   the step holds ``max_step_tokens`` tokens (chunked prefill);
+   the step holds ``max_step_tokens`` tokens (chunked prefill). With ``step_time_target`` set,
+   a step that holds decodes takes prompt tokens only while its time, predicted by an online
+   ``StepCostModel`` fitted to the steps so far, stays under the target: decodes never wait
+   behind a long prompt (the time per output token stays near the target), and prompts are
+   prefilled in the slack of each step;
 3. admission is first-come first-served by free pages: the head of the waiting queue is admitted
    when the pool's free pages, less those still owed to admitted prompts, hold its whole prompt.
    Nothing is reserved for the tokens a request will generate; sequences grow page by page.
@@ -39,6 +43,7 @@ import numpy as np
 
 from lmengine.errors import ContextLengthError, InvalidRequestError, KVCacheFullError
 from lmengine.sampling import Sampler, SamplingParams, StopChecker, end_of_request, greedy
+from lmengine.serving.step_cost import StepCostModel
 
 __all__ = ["Scheduler", "TokenEvent", "SchedulerStats"]
 
@@ -113,7 +118,9 @@ class Scheduler:
     ``ContextLengthError``, ``SamplingParamsError`` or ``KVCacheFullError`` at once);
     ``step()`` runs one batched engine step and returns the ``TokenEvent`` of every request that
     generated a token or finished in it; ``abort`` drops a request and frees its pages.
-    ``max_running`` caps how many sequences share a step.
+    ``max_running`` caps how many sequences share a step. ``step_time_target`` (seconds, or
+    None for no limit) bounds the predicted time of steps that hold decodes (see the module
+    docstring).
     """
 
     def __init__(
@@ -125,11 +132,18 @@ class Scheduler:
         max_context: int,
         max_step_tokens: int = 512,
         max_running: int = 256,
+        step_time_target: float | None = None,
     ):
         if max_step_tokens < 1:
             raise InvalidRequestError(f"max_step_tokens must be >= 1, got {max_step_tokens}")
         if max_running < 1:
             raise InvalidRequestError(f"max_running must be >= 1, got {max_running}")
+        if step_time_target is not None and not step_time_target > 0:
+            raise InvalidRequestError(
+                f"step_time_target must be > 0 seconds or None, got {step_time_target}"
+            )
+        self.step_time_target = None if step_time_target is None else float(step_time_target)
+        self.cost_model = StepCostModel()
         self.engine = engine
         self.tokenizer = tokenizer
         self.vocab_size = int(vocab_size)
@@ -257,10 +271,12 @@ class Scheduler:
     def step(self) -> list[TokenEvent]:
         """Schedule and run one batched engine step; returns its events (maybe none)."""
         events: list[TokenEvent] = []
+        t_start = time.perf_counter()
         plan = self._schedule(events)
         if not plan:
             self._snapshot()
             return events
+        work = self._work(plan)
         seqs = list(plan)
         chunks = [
             np.asarray(s.tokens[s.n_computed : s.n_computed + plan[s]], dtype=np.int32)
@@ -298,8 +314,22 @@ class Scheduler:
                 chosen[i] = (result.token_id, result.logprob, result.top_logprobs)
         for i, s in enumerate(sampling):
             events.append(self._advance(s, *chosen[i], now))
+        self.cost_model.observe(*work, time.perf_counter() - t_start)
         self._snapshot()
         return events
+
+    @staticmethod
+    def _work(plan: dict[_Sequence, int]) -> tuple[int, int, float]:
+        """(decode tokens, prompt tokens, positions attended) of a planned step."""
+        n_decode = n_prefill = 0
+        attended = 0.0
+        for s, n in plan.items():
+            if n == 1 and len(s.tokens) - s.n_computed == 1:
+                n_decode += 1
+            else:
+                n_prefill += n
+            attended += n * s.n_computed + n * (n + 1) / 2
+        return n_decode, n_prefill, attended
 
     def _schedule(self, events: list[TokenEvent]) -> dict[_Sequence, int]:
         """The tokens each sequence feeds this step (insertion order = row order)."""
@@ -351,6 +381,21 @@ class Scheduler:
             free -= need
             budget -= 1
 
+        decoding = self._work(plan) if plan and self.step_time_target is not None else None
+
+        def allowance(s: _Sequence, n: int) -> int:
+            """n, cut so that a step with decodes stays within the time target."""
+            nonlocal decoding
+            if decoding is None:
+                return n
+            n_dec, n_pre, attended = decoding
+            cap = self.cost_model.prefill_allowance(
+                n_dec, n_pre, attended, s.n_computed, self.step_time_target
+            )
+            n = n if cap is None else min(n, cap)
+            decoding = (n_dec, n_pre + n, attended + n * s.n_computed + n * (n + 1) / 2)
+            return n
+
         for s in self._running:
             if budget == 0:
                 break
@@ -358,6 +403,7 @@ class Scheduler:
             if s in plan or remaining <= 1:
                 continue
             n = min(remaining, budget, (_pages(s.n_computed, ps) + free) * ps - s.n_computed)
+            n = allowance(s, n) if n > 0 else n
             if n > 0:
                 plan[s] = n
                 free -= growth(s, n)
@@ -373,12 +419,14 @@ class Scheduler:
             need = _pages(len(s.tokens), ps)
             if need > free - owed:
                 break
+            n = allowance(s, min(len(s.tokens), budget))
+            if n == 0:
+                break
             del self._waiting[0], self._waiting_keys[0]
             s.seq = self.engine.seq_create()
             if not s.t_admitted:
                 s.t_admitted = time.perf_counter()
             self._running.insert(bisect.bisect([r.arrival for r in self._running], s.arrival), s)
-            n = min(len(s.tokens), budget)
             plan[s] = n
             free -= _pages(n, ps)
             owed += need - _pages(n, ps)
