@@ -30,6 +30,8 @@ from gguf import GGMLQuantizationType as G
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as BackendTokenizer
 from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -137,13 +139,35 @@ _KIND_TABLE: dict[str, tuple[type, type, dict]] = {
         MistralForCausalLM,
         dict(num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, sliding_window=8),
     ),
+    # Gemma 3: q/k norms, four norms per layer stored as w (applied as 1 + w), GELU-tanh MLP,
+    # scaled embeddings, tied head, and layers 0-4 windowed (window 8, shorter than the test
+    # sequences) on their own RoPE base while layer 5 is global: the layout of llama.cpp's
+    # every-6th-layer pattern, so the GGUF conversion describes the same model.
+    "gemma3": (
+        Gemma3TextConfig,
+        Gemma3ForCausalLM,
+        dict(
+            num_hidden_layers=6,
+            num_key_value_heads=2,
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            rms_norm_eps=1e-6,
+            sliding_window=8,
+            layer_types=["sliding_attention"] * 5 + ["full_attention"],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+            },
+            tie_word_embeddings=True,
+        ),
+    ),
 }
 MODEL_KINDS = tuple(_KIND_TABLE)
 # llama.cpp converts Mistral as arch "llama" and drops the sliding window, so a GGUF of
 # mistral_swa would be a different model; MLP biases have no llama.cpp tensor names here.
 GGUF_KINDS = tuple(k for k in MODEL_KINDS if k not in ("mistral_swa", "llama_mlp_bias"))
 
-_GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+_GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3"}
 _FILE_TYPE = {
     G.F32: gguf.LlamaFileType.ALL_F32,
     G.F16: gguf.LlamaFileType.MOSTLY_F16,
@@ -165,6 +189,20 @@ _HF_TO_GGUF_LAYER = {
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
 }
+# Gemma 3 names that differ from the table above; llama.cpp also stores every norm as 1 + w.
+_HF_TO_GGUF_GEMMA3 = {
+    "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+}
+
+
+def _layer_names(arch: str) -> dict[str, str]:
+    return {**_HF_TO_GGUF_LAYER, **_HF_TO_GGUF_GEMMA3} if arch == "gemma3" else _HF_TO_GGUF_LAYER
+
+
 _HF_TO_GGUF_GLOBAL = {
     "model.embed_tokens.weight": "token_embd.weight",
     "model.norm.weight": "output_norm.weight",
@@ -381,6 +419,8 @@ def _gguf_tensors(model: PreTrainedModel) -> dict[str, np.ndarray]:
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
         w = t.detach().float().numpy()
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            w = w + np.float32(1.0)
         if name in _HF_TO_GGUF_GLOBAL:
             out[_HF_TO_GGUF_GLOBAL[name]] = w
             continue
@@ -389,7 +429,7 @@ def _gguf_tensors(model: PreTrainedModel) -> dict[str, np.ndarray]:
             w = permute_for_gguf(w, n_head)
         elif arch == "llama" and rest.startswith("self_attn.k_proj."):
             w = permute_for_gguf(w, n_kv)
-        out[f"blk.{layer}.{_HF_TO_GGUF_LAYER[rest]}"] = w
+        out[f"blk.{layer}.{_layer_names(arch)[rest]}"] = w
     return out
 
 
@@ -416,13 +456,17 @@ def write_gguf(model: PreTrainedModel, path: Path, weight_type: G = G.F32) -> Pa
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+    if arch != "gemma3":
+        writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
     writer.add_rope_dimension_count(head_dim)
     if head_dim != config.hidden_size // config.num_attention_heads:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(_FILE_TYPE[weight_type])
+    if arch == "gemma3":
+        writer.add_sliding_window(config.sliding_window)
+        writer.add_rope_freq_base(float(config.rope_parameters["full_attention"]["rope_theta"]))
 
     tokens, merges = tiny_vocabulary(config.vocab_size)
     writer.add_tokenizer_model("gpt2")
@@ -457,7 +501,7 @@ def gguf_to_hf_state_dict(path: Path, kind: str) -> dict[str, np.ndarray]:
     arch = _GGUF_ARCH[config.model_type]
     n_head, n_kv = config.num_attention_heads, config.num_key_value_heads
     to_hf = {v: k for k, v in _HF_TO_GGUF_GLOBAL.items()}
-    to_hf_layer = {v: k for k, v in _HF_TO_GGUF_LAYER.items()}
+    to_hf_layer = {v: k for k, v in _layer_names(arch).items()}
     reader = gguf.GGUFReader(str(path))
     out: dict[str, np.ndarray] = {}
     for t in reader.tensors:
@@ -469,6 +513,8 @@ def gguf_to_hf_state_dict(path: Path, kind: str) -> dict[str, np.ndarray]:
             .reshape(shape)
             .astype(np.float32)
         )
+        if arch == "gemma3" and t.name.endswith("norm.weight"):
+            w = w - np.float32(1.0)
         if t.name in to_hf:
             out[to_hf[t.name]] = w
             continue

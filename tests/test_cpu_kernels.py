@@ -89,6 +89,15 @@ def silu_mul_ref(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     return g / (1.0 + np.exp(-g)) * up.astype(np.float64)
 
 
+def gelu_tanh_mul_ref(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    # 0.5 (1 + tanh(u)) written as sigmoid(2u): the same function without float64's
+    # cancellation in 1 + tanh(u) where tanh(u) ~ -1.
+    g = gate.astype(np.float64)
+    inner = np.sqrt(2.0 / np.pi) * (g + 0.044715 * g**3)
+    with np.errstate(over="ignore"):  # exp(+large) = inf gives the right limit, 0
+        return g / (1.0 + np.exp(-2.0 * inner)) * up.astype(np.float64)
+
+
 def attention_ref(q: np.ndarray, k: np.ndarray, v: np.ndarray, lo: int, scale: float) -> np.ndarray:
     """(group, D), (L, D), (L, D) -> (group, D): the query at position L-1 over keys lo..L-1."""
     q64, k64, v64 = (a.astype(np.float64) for a in (q, k[lo:], v[lo:]))
@@ -188,6 +197,28 @@ def test_silu_mul(n, T):
     out = kernels.silu_mul(gate, up)
     assert out.shape == (T, n) and out.dtype == np.float32
     np.testing.assert_allclose(out, silu_mul_ref(gate, up), rtol=SILU_REL, atol=SILU_ABS)
+
+
+@pytest.mark.parametrize("n", [1, 7, 255, 256, 257, 2048])
+@pytest.mark.parametrize("T", [1, 3])
+def test_gelu_tanh_mul(n, T):
+    # gelu_tanh(x) = x * sigmoid(2u): exp's error at argument 2u (up to its clamp at |x| ~ 9.5,
+    # past which the output is x, or a number below 1e-30 where the reference is ~0).
+    rng = np.random.default_rng(7000 * n + T)
+    gate = (3.0 * rng.standard_normal((T, n))).astype(np.float32)
+    up = rng.standard_normal((T, n)).astype(np.float32)
+    extremes = np.array([-100.0, -12.0, -9.5, -3.0, 0.0, 3.0, 9.5, 90.0], np.float32)
+    flat = gate.reshape(-1)
+    flat[-len(extremes) :] = extremes[-flat.size :]
+    out = kernels.gelu_tanh_mul(gate, up)
+    assert out.shape == (T, n) and out.dtype == np.float32
+    ref = gelu_tanh_mul_ref(gate, up)
+    g = gate.astype(np.float64)
+    exp_arg = np.minimum(np.abs(2 * np.sqrt(2 / np.pi) * (g + 0.044715 * g**3)), 88.3)
+    # The argument 2u itself is rounded ~4 times in fp32 (x^3, two products, a sum): each costs
+    # up to U * |2u| in exp's argument, i.e. relative error in the result.
+    bound = (EXP_POLY_REL + 5 * EXP_ARG_REL * exp_arg + 8 * U) * np.abs(ref) + SILU_ABS
+    assert np.all(np.abs(out - ref) <= bound)
 
 
 def test_exp():

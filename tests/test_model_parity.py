@@ -64,6 +64,7 @@ PARITY_CASES = (
         ("llama3_rope", "Q8_0"),
         ("mistral_swa", "st"),
     ]
+    + [("gemma3", fmt) for fmt in ("st", "st_bf16", "F32", "Q8_0")]
 )
 N_THREADS = 2
 KV_CACHE_TOKENS = 1024
@@ -296,6 +297,17 @@ def test_llama3_rope_frequencies_match_hf(zoo):
     [
         ("llama3_rope", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}),
         ("mistral_swa", {"sliding_window": None}),
+        ("gemma3", {"layer_types": ["full_attention"] * 6}),
+        (
+            "gemma3",
+            {
+                "rope_parameters": {
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 1e6},
+                    "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                }
+            },
+        ),
+        ("gemma3", {"query_pre_attn_scalar": 24}),
     ],
 )
 def test_feature_changes_logits(zoo, kind, change):

@@ -53,6 +53,19 @@ class PyEngine {
     c.rope_inv_freq = cfg_get<std::vector<float>>(cfg, "rope_inv_freq");
     c.sliding_window = cfg_get_or<int32_t>(cfg, "sliding_window", 0);
     c.qkv_bias = cfg_get_or<bool>(cfg, "qkv_bias", false);
+    c.embed_scale = cfg_get_or<float>(cfg, "embed_scale", 0.f);
+    c.qk_norm = cfg_get_or<bool>(cfg, "qk_norm", false);
+    c.post_norms = cfg_get_or<bool>(cfg, "post_norms", false);
+    c.layer_sliding_window = cfg_get_or<std::vector<int32_t>>(cfg, "layer_sliding_window", {});
+    c.rope_inv_freq_local = cfg_get_or<std::vector<float>>(cfg, "rope_inv_freq_local", {});
+    const std::string act = cfg_get_or<std::string>(cfg, "ffn_activation", "silu");
+    if (act == "silu") {
+      c.ffn_activation = lme::kActSiLU;
+    } else if (act == "gelu_tanh") {
+      c.ffn_activation = lme::kActGeluTanh;
+    } else {
+      raise_error("UnsupportedModelError", "ffn_activation must be 'silu' or 'gelu_tanh', got '" + act + "'");
+    }
     c.activation_bits = cfg_get_or<int32_t>(cfg, "activation_bits", 16);
     c.two_level_mask = cfg_get_or<int32_t>(cfg, "two_level_mask", 31);
     if (c.activation_bits != 8 && c.activation_bits != 16) {
@@ -116,6 +129,14 @@ class PyEngine {
       L.bq = get(p + "attn_q.bias", c.qkv_bias);
       L.bk = get(p + "attn_k.bias", c.qkv_bias);
       L.bv = get(p + "attn_v.bias", c.qkv_bias);
+      if (c.qk_norm) {
+        L.q_norm = get(p + "attn_q_norm", true);
+        L.k_norm = get(p + "attn_k_norm", true);
+      }
+      if (c.post_norms) {
+        L.post_attn_norm = get(p + "post_attention_norm", true);
+        L.post_ffn_norm = get(p + "post_ffw_norm", true);
+      }
       L.ffn_norm = get(p + "ffn_norm", true);
       L.w_gate = get(p + "ffn_gate", true);
       L.w_up = get(p + "ffn_up", true);

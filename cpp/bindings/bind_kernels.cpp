@@ -108,8 +108,8 @@ py::array_t<float> rope(const py::array& x, const py::array& positions, const py
   return y;
 }
 
-// out[t] = silu(gate[t]) * up[t].
-py::array_t<float> silu_mul(const py::array& gate, const py::array& up) {
+// out[t] = act(gate[t]) * up[t] for a gated-MLP activation row kernel.
+py::array_t<float> gated_mul(const py::array& gate, const py::array& up, void (*row)(float*, const float*, int64_t)) {
   check_array(gate, py::dtype::of<float>(), 2, "gate");
   check_array(up, py::dtype::of<float>(), 2, "up");
   const int64_t T = gate.shape(0), n = gate.shape(1);
@@ -121,9 +121,17 @@ py::array_t<float> silu_mul(const py::array& gate, const py::array& up) {
   {
     py::gil_scoped_release release;
     std::copy(gp, gp + T * n, op);
-    for (int64_t t = 0; t < T; ++t) lme::silu_mul_row(op + t * n, upp + t * n, n);
+    for (int64_t t = 0; t < T; ++t) row(op + t * n, upp + t * n, n);
   }
   return out;
+}
+
+py::array_t<float> silu_mul(const py::array& gate, const py::array& up) {
+  return gated_mul(gate, up, lme::silu_mul_row);
+}
+
+py::array_t<float> gelu_tanh_mul(const py::array& gate, const py::array& up) {
+  return gated_mul(gate, up, lme::gelu_tanh_mul_row);
 }
 
 // exp_inplace over a copy of x, any shape.
@@ -238,6 +246,8 @@ void bind_kernels(py::module_& m) {
       " float32(pos) * inv_freq[i] in float32.");
   k.def("silu_mul", &silu_mul, py::arg("gate"), py::arg("up"),
         "silu_mul(gate: float32[T, n], up: float32[T, n]) -> float32[T, n] = silu(gate) * up");
+  k.def("gelu_tanh_mul", &gelu_tanh_mul, py::arg("gate"), py::arg("up"),
+        "gelu_tanh_mul(gate: float32[T, n], up: float32[T, n]) -> float32[T, n] = gelu_tanh(gate) * up");
   k.def("exp", &exp_copy, py::arg("x"),
         "exp(x: float32[...]) -> float32[...]; inputs below -87.3 give 0.");
   k.def("attention_paged", &attention_paged, py::arg("q"), py::arg("k"), py::arg("v"),

@@ -57,6 +57,22 @@ Status validate_model(const ModelConfig& c, const ModelWeights& w) {
   if (c.head_dim % 2 != 0 || static_cast<int32_t>(c.rope_inv_freq.size()) != c.head_dim / 2) {
     return Status::Error(StatusCode::kBadModel, "rope_inv_freq must have head_dim/2 entries");
   }
+  if (!c.rope_inv_freq_local.empty() && static_cast<int32_t>(c.rope_inv_freq_local.size()) != c.head_dim / 2) {
+    return Status::Error(StatusCode::kBadModel, "rope_inv_freq_local must be empty or have head_dim/2 entries");
+  }
+  if (!c.layer_sliding_window.empty() && static_cast<int32_t>(c.layer_sliding_window.size()) != c.n_layers) {
+    return Status::Error(StatusCode::kBadModel, "layer_sliding_window must be empty or have n_layers entries");
+  }
+  for (int32_t win : c.layer_sliding_window) {
+    if (win < 0) return Status::Error(StatusCode::kBadModel, "negative sliding window");
+  }
+  if (c.sliding_window < 0) return Status::Error(StatusCode::kBadModel, "negative sliding window");
+  if (c.ffn_activation != kActSiLU && c.ffn_activation != kActGeluTanh) {
+    return Status::Error(StatusCode::kBadModel, "unknown ffn_activation " + std::to_string(c.ffn_activation));
+  }
+  if (!(c.embed_scale >= 0.f) || !std::isfinite(c.embed_scale)) {
+    return Status::Error(StatusCode::kBadModel, "embed_scale must be finite and >= 0");
+  }
   if (static_cast<int32_t>(w.layers.size()) != c.n_layers) {
     return Status::Error(StatusCode::kBadModel, "number of layer weight sets != n_layers");
   }
@@ -76,6 +92,14 @@ Status validate_model(const ModelConfig& c, const ModelWeights& w) {
         {&L.wo, p + "attn_output", d, q_dim, false},  {&L.ffn_norm, p + "ffn_norm", 1, d, true},
         {&L.w_gate, p + "ffn_gate", c.d_ff, d, false}, {&L.w_up, p + "ffn_up", c.d_ff, d, false},
         {&L.w_down, p + "ffn_down", d, c.d_ff, false}};
+    if (c.qk_norm) {
+      items.push_back({&L.q_norm, p + "attn_q_norm", 1, c.head_dim, true});
+      items.push_back({&L.k_norm, p + "attn_k_norm", 1, c.head_dim, true});
+    }
+    if (c.post_norms) {
+      items.push_back({&L.post_attn_norm, p + "post_attention_norm", 1, d, true});
+      items.push_back({&L.post_ffn_norm, p + "post_ffw_norm", 1, d, true});
+    }
     if (c.qkv_bias) {
       items.push_back({&L.bq, p + "attn_q.bias", 1, q_dim, true});
       items.push_back({&L.bk, p + "attn_k.bias", 1, kv_dim, true});
@@ -97,6 +121,7 @@ struct Engine::Scratch {
   std::vector<int32_t> tok_pos, tok_seq, tok_id;
   std::vector<int64_t> out_tok;
   std::vector<float> rope_cos, rope_sin;  // [token][head_dim/2]
+  std::vector<float> rope_cos_local, rope_sin_local;  // the same for rope_inv_freq_local
   std::vector<float> scores;              // [thread][group][ctx]
   std::vector<float> kv_tmp;              // [thread][2][page_size*head_dim]
   std::vector<float> row_tmp;             // [thread][widest row]: residual quantization
@@ -154,6 +179,10 @@ void Engine::ensure_scratch(int64_t n_tokens, int64_t n_out, int64_t max_ctx) {
     S.tok_id.assign(T, 0);
     S.rope_cos.assign(T * (c.head_dim / 2), 0.f);
     S.rope_sin.assign(T * (c.head_dim / 2), 0.f);
+    if (!c.rope_inv_freq_local.empty()) {
+      S.rope_cos_local.assign(T * (c.head_dim / 2), 0.f);
+      S.rope_sin_local.assign(T * (c.head_dim / 2), 0.f);
+    }
     // Largest activation row over every weight type and input width the model uses.
     int64_t widest = 0;
     auto consider = [&](const WeightTensor& w) { widest = std::max(widest, activation_row_bytes(w.type, w.cols)); };
@@ -244,6 +273,11 @@ Status Engine::step(const std::vector<StepSequence>& batch, float* logits) {
         const float angle = pos * c.rope_inv_freq[j];
         S.rope_cos[t * half + j] = std::cos(angle);
         S.rope_sin[t * half + j] = std::sin(angle);
+      }
+      for (int32_t j = 0; j < static_cast<int32_t>(c.rope_inv_freq_local.size()); ++j) {
+        const float angle = pos * c.rope_inv_freq_local[j];
+        S.rope_cos_local[t * half + j] = std::cos(angle);
+        S.rope_sin_local[t * half + j] = std::sin(angle);
       }
       if (s.all_logits || i == s.n_tokens - 1) S.out_tok[o++] = t;
     }
@@ -351,21 +385,30 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
   const int64_t emb_rb = row_bytes(weights_.tok_embd);
   pc.for_chunks(T, 4, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      dequantize_row(weights_.tok_embd.type, weights_.tok_embd.data + S.tok_id[t] * emb_rb, &S.x[t * d], d);
+      float* xr = &S.x[t * d];
+      dequantize_row(weights_.tok_embd.type, weights_.tok_embd.data + S.tok_id[t] * emb_rb, xr, d);
+      if (c.embed_scale > 0.f) {
+        for (int64_t i = 0; i < d; ++i) xr[i] *= c.embed_scale;
+      }
     }
   });
 
+  // x += residual row t, the residual first normalised by `post_norm` when the model has
+  // post-norms (residual rows are scratch, normalised in place).
+  auto add_residual = [&](float* xr, float* residual, const WeightTensor* post_norm, int64_t t) {
+    float* rr = residual + t * d;
+    if (post_norm != nullptr) rmsnorm_row(rr, post_norm->f32(), rr, d, c.rms_eps);
+    for (int64_t i = 0; i < d; ++i) xr[i] += rr[i];
+  };
+
   // Normalises rows of x (optionally after adding `residual`) and converts them for each weight
   // type of the next group of products.
-  auto norm_and_prepare = [&](const WeightTensor& norm, const float* residual, const DType* types, int n_types,
-                              int64_t k) {
+  auto norm_and_prepare = [&](const WeightTensor& norm, float* residual, const WeightTensor* post_norm,
+                              const DType* types, int n_types, int64_t k) {
     pc.for_chunks(T, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         float* xr = &S.x[t * d];
-        if (residual != nullptr) {
-          const float* rr = residual + t * d;
-          for (int64_t i = 0; i < d; ++i) xr[i] += rr[i];
-        }
+        if (residual != nullptr) add_residual(xr, residual, post_norm, t);
         float* xn = &S.xn[t * d];
         rmsnorm_row(xr, norm.f32(), xn, d, c.rms_eps);
         for (int i = 0; i < n_types; ++i) {
@@ -377,6 +420,7 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
 
   for (int32_t l = 0; l < c.n_layers; ++l) {
     const LayerWeights& L = weights_.layers[l];
+    const int64_t window = c.layer_sliding_window.empty() ? c.sliding_window : c.layer_sliding_window[l];
 
     // Attention block: x += Wo · attn(rope(Wq xn), rope(Wk xn), Wv xn)
     DType qkv_types[3];
@@ -388,7 +432,9 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
     }
     pc.set_kind(kOpNormQuant);
     two_now = two_mask & kTwoLevelQKV;
-    norm_and_prepare(L.attn_norm, l == 0 ? nullptr : S.proj.data(), qkv_types, n_qkv_types, d);
+    norm_and_prepare(L.attn_norm, l == 0 ? nullptr : S.proj.data(),
+                     l > 0 && c.post_norms ? &weights_.layers[l - 1].post_ffn_norm : nullptr, qkv_types,
+                     n_qkv_types, d);
     MatmulJob qkv[3] = {
         {&L.wq, S.act[act_slot(qkv_types, n_qkv_types, L.wq.type)].data(), S.q.data(), q_dim},
         {&L.wk, S.act[act_slot(qkv_types, n_qkv_types, L.wk.type)].data(), S.k.data(), kv_dim},
@@ -409,8 +455,13 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
           for (int64_t i = 0; i < kv_dim; ++i) kr[i] += L.bk.f32()[i];
           for (int64_t i = 0; i < kv_dim; ++i) vr[i] += L.bv.f32()[i];
         }
-        const float* cs = &S.rope_cos[t * half];
-        const float* sn = &S.rope_sin[t * half];
+        if (c.qk_norm) {
+          for (int32_t h = 0; h < c.n_heads; ++h) rmsnorm_row(qr + h * hd, L.q_norm.f32(), qr + h * hd, hd, c.rms_eps);
+          for (int32_t h = 0; h < c.n_kv_heads; ++h) rmsnorm_row(kr + h * hd, L.k_norm.f32(), kr + h * hd, hd, c.rms_eps);
+        }
+        const bool local = window > 0 && !c.rope_inv_freq_local.empty();
+        const float* cs = local ? &S.rope_cos_local[t * half] : &S.rope_cos[t * half];
+        const float* sn = local ? &S.rope_sin_local[t * half] : &S.rope_sin[t * half];
         for (int32_t h = 0; h < c.n_heads; ++h) rope_row(qr + h * hd, cs, sn, hd, c.rope_interleaved);
         for (int32_t h = 0; h < c.n_kv_heads; ++h) rope_row(kr + h * hd, cs, sn, hd, c.rope_interleaved);
         const int32_t seq = batch[S.tok_seq[t]].seq;
@@ -429,7 +480,7 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
       const int32_t h = static_cast<int32_t>(i0 % c.n_kv_heads);
       const int32_t seq = batch[S.tok_seq[t]].seq;
       const int64_t pos = S.tok_pos[t];
-      const int64_t lo = c.sliding_window > 0 ? std::max<int64_t>(0, pos - c.sliding_window + 1) : 0;
+      const int64_t lo = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
       const AttentionScratch scratch = {&S.scores[int64_t(pc.tid()) * group * S.cap_ctx], S.cap_ctx,
                                         &S.kv_tmp[int64_t(pc.tid()) * 2 * page_size * hd]};
       attention_paged_one(&S.q[t * q_dim + int64_t(h) * group * hd], static_cast<int32_t>(group), c.attn_scale,
@@ -454,7 +505,8 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
     const int n_ffn_types = L.w_gate.type == L.w_up.type ? 1 : 2;
     pc.set_kind(kOpNormQuant);
     two_now = two_mask & kTwoLevelGateUp;
-    norm_and_prepare(L.ffn_norm, S.proj.data(), ffn_types, n_ffn_types, d);
+    norm_and_prepare(L.ffn_norm, S.proj.data(), c.post_norms ? &L.post_attn_norm : nullptr, ffn_types,
+                     n_ffn_types, d);
     pc.set_kind(kOpMatmulFFN);
     MatmulJob gate_up[2] = {
         {&L.w_gate, S.act[0].data(), S.gate.data(), c.d_ff},
@@ -466,7 +518,11 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
     pc.for_chunks(T, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         float* gr = &S.gate[t * c.d_ff];
-        silu_mul_row(gr, &S.up[t * c.d_ff], c.d_ff);
+        if (c.ffn_activation == kActGeluTanh) {
+          gelu_tanh_mul_row(gr, &S.up[t * c.d_ff], c.d_ff);
+        } else {
+          silu_mul_row(gr, &S.up[t * c.d_ff], c.d_ff);
+        }
         prepare(L.w_down.type, gr, S.act[0].data(), t, c.d_ff);
       }
     });
@@ -483,8 +539,7 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
     for (int64_t o = o0; o < o1; ++o) {
       const int64_t t = S.out_tok[o];
       float* xr = &S.x[t * d];
-      const float* rr = &S.proj[t * d];
-      for (int64_t i = 0; i < d; ++i) xr[i] += rr[i];
+      add_residual(xr, S.proj.data(), c.post_norms ? &weights_.layers[c.n_layers - 1].post_ffn_norm : nullptr, t);
       rmsnorm_row(xr, weights_.out_norm.f32(), &S.xn[o * d], d, c.rms_eps);
       prepare(weights_.lm_head.type, &S.xn[o * d], S.act[0].data(), o, d);
     }

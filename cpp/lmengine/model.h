@@ -32,11 +32,22 @@ struct ModelConfig {
   std::vector<float> rope_inv_freq;  // head_dim / 2 frequencies, scaling already applied
   int32_t sliding_window = 0;  // 0: attend to the whole context
   bool qkv_bias = false;
+  // Gemma-style options; all off for the Llama family.
+  float embed_scale = 0.f;       // embeddings are multiplied by this (Gemma: sqrt(d_model)); 0: none
+  int32_t ffn_activation = 0;    // kActSiLU or kActGeluTanh, applied to the gate product
+  bool qk_norm = false;          // RMSNorm over each head of q and k, before RoPE ([head_dim] weights)
+  bool post_norms = false;       // RMSNorm of the attention and MLP outputs before each residual add
+  // Per-layer window (0 = whole context); empty: sliding_window for every layer. Layers with a
+  // window use rope_inv_freq_local when it is given (Gemma 3: local base 10000, global 1e6).
+  std::vector<int32_t> layer_sliding_window;
+  std::vector<float> rope_inv_freq_local;
   // 16: activations of quantized products are two 8-bit rows (value + rounding residual), close
   // to fp32 results; 8: one 8-bit row, as llama.cpp does (faster prefill, ~1% logit error).
   int32_t activation_bits = 16;
   int32_t two_level_mask = 31;  // which products get two-level rows when activation_bits == 16
 };
+
+enum : int32_t { kActSiLU = 0, kActGeluTanh = 1 };
 
 // Product classes for ModelConfig::two_level_mask.
 enum : int32_t {
@@ -59,6 +70,8 @@ struct WeightTensor {
 
 struct LayerWeights {
   WeightTensor attn_norm, wq, wk, wv, wo, bq, bk, bv;
+  WeightTensor q_norm, k_norm;                  // with qk_norm
+  WeightTensor post_attn_norm, post_ffn_norm;   // with post_norms
   WeightTensor ffn_norm, w_gate, w_up, w_down;
 };
 

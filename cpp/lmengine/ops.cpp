@@ -67,6 +67,21 @@ void silu_mul_row(float* gate, const float* up, int64_t n) {
   }
 }
 
+void gelu_tanh_mul_row(float* gate, const float* up, int64_t n) {
+  constexpr int64_t kTile = 256;
+  constexpr float kTwoSqrt2OverPi = 1.5957691216057308f;  // 2 * sqrt(2 / pi)
+  float e[kTile];
+  for (int64_t i0 = 0; i0 < n; i0 += kTile) {
+    const int64_t m = n - i0 < kTile ? n - i0 : kTile;
+    for (int64_t i = 0; i < m; ++i) {
+      const float x = gate[i0 + i];
+      e[i] = -kTwoSqrt2OverPi * (x + 0.044715f * x * x * x);
+    }
+    exp_inplace(e, m);
+    for (int64_t i = 0; i < m; ++i) gate[i0 + i] = gate[i0 + i] / (1.0f + e[i]) * up[i0 + i];
+  }
+}
+
 void rope_row(float* x, const float* cos, const float* sin, int32_t dim, bool interleaved) {
   const int32_t half = dim / 2;
   if (interleaved) {

@@ -12,6 +12,9 @@ float dot_f32(const float* a, const float* b, int64_t n);
 void rmsnorm_row(const float* x, const float* w, float* y, int64_t n, float eps);
 // gate = silu(gate) * up
 void silu_mul_row(float* gate, const float* up, int64_t n);
+// gate = gelu_tanh(gate) * up, the tanh approximation of GELU (Gemma's gelu_pytorch_tanh):
+// 0.5 x (1 + tanh(u)) = x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3).
+void gelu_tanh_mul_row(float* gate, const float* up, int64_t n);
 // x = exp(x). Relative error <= 2e-7 + |x| * 2^-24 (the fp32 rounding of x*log2e); inputs
 // below -87.3 flush to 0, above 88.3 saturate at ~2.2e38. Softmax callers pass x <= 0.
 void exp_inplace(float* x, int64_t n);

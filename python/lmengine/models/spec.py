@@ -17,7 +17,13 @@ from lmengine.errors import LMEngineError, ModelFileError, UnsupportedModelError
 __all__ = ["ModelSpec", "SUPPORTED_ARCHITECTURES"]
 
 # HF model_type / GGUF general.architecture values the dense core runs.
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma3_text")
+GGUF_ARCHITECTURES = ("llama", "qwen2", "gemma3")
+
+# Gemma 3: every 6th layer attends globally, the others through a sliding window with their own
+# RoPE base (HF's default layer_types; llama.cpp's set_swa_pattern(6) and rope base 10000).
+GEMMA3_SWA_PATTERN = 6
+GEMMA3_LOCAL_ROPE_THETA = 10000.0
 
 
 @dataclass
@@ -39,6 +45,15 @@ class ModelSpec:
     tie_embeddings: bool = False
     qkv_bias: bool = False
     sliding_window: int = 0
+    # Gemma-style options (see ModelConfig in cpp/lmengine/model.h).
+    attn_scale: float = 0.0  # 0: 1/sqrt(head_dim)
+    embed_scale: float = 0.0  # 0: embeddings unscaled
+    ffn_activation: str = "silu"  # or "gelu_tanh"
+    qk_norm: bool = False
+    post_norms: bool = False
+    layer_sliding_window: list[int] | None = None  # per layer, 0 = global; None: sliding_window
+    rope_local_theta: float | None = None  # RoPE base of the windowed layers, if different
+    norm_offset: float = 0.0  # added to RMSNorm weights at load (HF Gemma applies 1 + w)
     extra: dict[str, Any] = field(default_factory=dict)
 
     # -- construction -------------------------------------------------------------------------
@@ -46,6 +61,12 @@ class ModelSpec:
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> ModelSpec:
         arch = cfg.get("model_type")
+        if arch == "gemma3" and isinstance(cfg.get("text_config"), dict):
+            raise UnsupportedModelError(
+                "gemma3 multimodal checkpoints are not supported; use a text-only gemma3_text model"
+            )
+        if arch == "gemma3_text":
+            return cls._from_gemma3_hf_config(cfg)
         if arch not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(
                 f"unknown architecture {arch!r} (model_type); supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
@@ -92,11 +113,79 @@ class ModelSpec:
             raise ModelFileError(f"config.json is missing or has an invalid field: {e}") from e
 
     @classmethod
+    def _from_gemma3_hf_config(cls, cfg: dict[str, Any]) -> ModelSpec:
+        for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+            if cfg.get(key) is not None:
+                raise UnsupportedModelError(f"gemma3_text with {key}={cfg[key]} is not supported")
+        if cfg.get("use_bidirectional_attention"):
+            raise UnsupportedModelError("gemma3_text with bidirectional attention is not supported")
+        act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
+        if act != "gelu_pytorch_tanh":
+            raise UnsupportedModelError(f"gemma3_text activation {act!r} is not supported")
+        try:
+            n_layers = int(cfg["num_hidden_layers"])
+            d = int(cfg["hidden_size"])
+            n_heads = int(cfg["num_attention_heads"])
+            head_dim = int(cfg.get("head_dim") or 256)
+            window = int(cfg.get("sliding_window") or 0)
+            types = cfg.get("layer_types")
+            if types is None:
+                pattern = int(cfg.get("sliding_window_pattern") or GEMMA3_SWA_PATTERN)
+                types = [
+                    "full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                    for i in range(n_layers)
+                ]
+            if len(types) != n_layers or set(types) - {"sliding_attention", "full_attention"}:
+                raise ModelFileError(f"gemma3_text layer_types is invalid: {types}")
+            rope = dict(cfg.get("rope_parameters") or {})
+            if "full_attention" in rope:  # transformers >= 5: one entry per layer type
+                full, local = dict(rope["full_attention"]), dict(rope.get("sliding_attention", {}))
+            else:
+                full = dict(cfg.get("rope_scaling") or {})
+                full.setdefault("rope_theta", cfg.get("rope_theta", 1e6))
+                local = {"rope_theta": cfg.get("rope_local_base_freq", GEMMA3_LOCAL_ROPE_THETA)}
+            if local.get("rope_type", "default") != "default":
+                raise UnsupportedModelError(
+                    "RoPE scaling on gemma3 sliding layers is not supported"
+                )
+            scaling = (
+                full if full.get("rope_type", full.get("type", "default")) != "default" else None
+            )
+            return cls(
+                arch="gemma3_text",
+                n_layers=n_layers,
+                d_model=d,
+                n_heads=n_heads,
+                n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
+                head_dim=head_dim,
+                d_ff=int(cfg["intermediate_size"]),
+                vocab_size=int(cfg["vocab_size"]),
+                max_context=int(cfg.get("max_position_embeddings", 32768)),
+                rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(full.get("rope_theta", 1e6)),
+                rope_scaling=scaling,
+                tie_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+                attn_scale=float(cfg.get("query_pre_attn_scalar", head_dim)) ** -0.5,
+                embed_scale=float(np.float32(math.sqrt(d))),
+                ffn_activation="gelu_tanh",
+                qk_norm=True,
+                post_norms=True,
+                layer_sliding_window=[window if t == "sliding_attention" else 0 for t in types],
+                rope_local_theta=float(local.get("rope_theta", GEMMA3_LOCAL_ROPE_THETA)),
+                norm_offset=1.0,
+            )
+        except LMEngineError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelFileError(f"config.json is missing or has an invalid field: {e}") from e
+
+    @classmethod
     def from_gguf_metadata(cls, meta: dict[str, Any], tensor_names: set[str]) -> ModelSpec:
         arch = meta.get("general.architecture")
-        if arch not in ("llama", "qwen2"):
+        if arch not in GGUF_ARCHITECTURES:
             raise UnsupportedModelError(
-                f"unknown architecture {arch!r} (general.architecture); supported in GGUF: llama, qwen2"
+                f"unknown architecture {arch!r} (general.architecture); supported in GGUF: "
+                + ", ".join(GGUF_ARCHITECTURES)
             )
 
         def get(key: str, default: Any = None) -> Any:
@@ -122,6 +211,26 @@ class ModelSpec:
             raise UnsupportedModelError(
                 f"RoPE scaling type {scaling_type!r} is not supported in GGUF"
             )
+        gemma = {}
+        if arch == "gemma3":
+            # llama.cpp's conventions for gemma3 GGUF files: norm weights already hold 1 + w,
+            # Q/K unpermuted (RoPE on halves), scale 1/sqrt(head_dim) (all sizes but 27B),
+            # local layers on base 10000 with the window, every 6th layer global.
+            n_layers = int(get("block_count"))
+            window = int(meta.get(f"{arch}.attention.sliding_window") or 0)
+            pattern = int(
+                meta.get(f"{arch}.attention.sliding_window_pattern") or GEMMA3_SWA_PATTERN
+            )
+            gemma = dict(
+                embed_scale=float(np.float32(math.sqrt(d))),
+                ffn_activation="gelu_tanh",
+                qk_norm=True,
+                post_norms=True,
+                layer_sliding_window=[
+                    0 if (i + 1) % pattern == 0 else window for i in range(n_layers)
+                ],
+                rope_local_theta=GEMMA3_LOCAL_ROPE_THETA,
+            )
         return cls(
             arch=arch,
             n_layers=int(get("block_count")),
@@ -140,15 +249,20 @@ class ModelSpec:
             rope_interleaved=arch == "llama",
             tie_embeddings="output.weight" not in tensor_names,
             qkv_bias="blk.0.attn_q.bias" in tensor_names,
+            **gemma,
         )
 
     # -- derived values -----------------------------------------------------------------------
 
+    def rope_inv_freq_local(self) -> np.ndarray | None:
+        """The unscaled frequencies of the windowed layers, when they have their own base."""
+        if self.rope_local_theta is None:
+            return None
+        return _default_inv_freq(self.head_dim, self.rope_local_theta)
+
     def rope_inv_freq(self) -> np.ndarray:
         """RoPE inverse frequencies (head_dim/2,), float32, computed as HF transformers does."""
-        dim = self.head_dim
-        exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-        inv_freq = (np.float32(1.0) / (np.float32(self.rope_theta) ** exponents)).astype(np.float32)
+        inv_freq = _default_inv_freq(self.head_dim, self.rope_theta)
         scaling = self.rope_scaling or {}
         kind = scaling.get("rope_type", scaling.get("type", "default"))
         if kind == "default":
@@ -190,6 +304,15 @@ class ModelSpec:
             "rope_inv_freq": self.rope_inv_freq().tolist(),
             "sliding_window": self.sliding_window,
             "qkv_bias": self.qkv_bias,
+            "attn_scale": self.attn_scale,
+            "embed_scale": self.embed_scale,
+            "ffn_activation": self.ffn_activation,
+            "qk_norm": self.qk_norm,
+            "post_norms": self.post_norms,
+            "layer_sliding_window": list(self.layer_sliding_window or []),
+            "rope_inv_freq_local": (
+                [] if self.rope_local_theta is None else self.rope_inv_freq_local().tolist()
+            ),
         }
 
     @property
@@ -199,3 +322,8 @@ class ModelSpec:
         kv = self.n_kv_heads * self.head_dim
         per_layer = self.d_model * (q + 2 * kv) + q * self.d_model + 3 * self.d_model * self.d_ff
         return self.n_layers * per_layer + self.vocab_size * self.d_model
+
+
+def _default_inv_freq(dim: int, theta: float) -> np.ndarray:
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    return (np.float32(1.0) / (np.float32(theta) ** exponents)).astype(np.float32)
