@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from real_model_checks import hf_greedy_ids, top1_agreement
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
@@ -39,20 +41,16 @@ def hf_logits(hf_model, text_ids):
         return hf_model(torch.tensor([text_ids])).logits[0].float().numpy()
 
 
-def _agreement(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.mean(a.argmax(-1) == b.argmax(-1)))
-
-
 def test_top1_agreement_prefill(smollm2, text_ids, hf_logits):
     ours = smollm2.logits(text_ids)
     assert ours.shape == hf_logits.shape
-    assert _agreement(ours, hf_logits) >= MIN_TOP1_AGREEMENT
+    assert top1_agreement(ours, hf_logits) >= MIN_TOP1_AGREEMENT
 
 
 def test_top1_agreement_decode_path(smollm2, text_ids, hf_logits):
     # 32 tokens of prefill, then every later position fed alone as generation does.
     ours = smollm2.logits(text_ids, prefill=32)
-    assert _agreement(ours, hf_logits) >= MIN_TOP1_AGREEMENT
+    assert top1_agreement(ours, hf_logits) >= MIN_TOP1_AGREEMENT
 
 
 def test_prefill_and_decode_paths_agree(smollm2, text_ids):
@@ -77,13 +75,4 @@ def test_greedy_continuation_matches_hf(smollm2, hf_model, prompt):
     ours = smollm2.generate_ids(
         ids, SamplingParams(max_tokens=GREEDY_PREFIX, temperature=0, ignore_eos=True)
     )
-    with torch.no_grad():
-        ref = hf_model.generate(
-            torch.tensor([ids]),
-            max_new_tokens=GREEDY_PREFIX,
-            min_new_tokens=GREEDY_PREFIX,
-            do_sample=False,
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            pad_token_id=0,
-        )[0, len(ids) :].tolist()
-    assert ours.token_ids == ref
+    assert ours.token_ids == hf_greedy_ids(hf_model, ids, GREEDY_PREFIX)

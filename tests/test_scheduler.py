@@ -35,6 +35,14 @@ class RecordingEngine:
         return getattr(self._engine, name)
 
 
+def recording_scheduler(llm, **options) -> tuple[RecordingEngine, Scheduler]:
+    engine = RecordingEngine(llm._engine)
+    scheduler = Scheduler(
+        engine, llm.tokenizer, vocab_size=llm.vocab_size, max_context=llm.max_context, **options
+    )
+    return engine, scheduler
+
+
 @pytest.fixture(scope="module")
 def tiny_pool_llm(smollm2_gguf_path):
     """Four 16-token pages: any two of the requests below fill the pool."""
@@ -63,10 +71,7 @@ def test_preemption_keeps_outputs_equal_to_sequential(tiny_pool_llm):
     ]
     expected = [llm.generate(p, sp)[0] for p, sp in zip(PROMPTS, params)]
 
-    engine = RecordingEngine(llm._engine)
-    scheduler = Scheduler(
-        engine, llm.tokenizer, vocab_size=llm.vocab_size, max_context=llm.max_context
-    )
+    engine, scheduler = recording_scheduler(llm)
     for i, (p, sp) in enumerate(zip(PROMPTS, params)):
         scheduler.add_request(i, llm.tokenizer.encode(p), sp)
     results = run_to_end(scheduler)
@@ -108,14 +113,7 @@ def test_logprobs_survive_batching(tiny_pool_llm):
 
 def test_chunked_prefill_runs_beside_decodes_within_the_budget(smollm2_gguf_path, english_text):
     llm = LLM(smollm2_gguf_path, n_threads=2, kv_cache_tokens=256)
-    engine = RecordingEngine(llm._engine)
-    scheduler = Scheduler(
-        engine,
-        llm.tokenizer,
-        vocab_size=llm.vocab_size,
-        max_context=llm.max_context,
-        max_step_tokens=8,
-    )
+    engine, scheduler = recording_scheduler(llm, max_step_tokens=8)
     long_ids = llm.tokenizer.encode(english_text)[:24]
     sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     scheduler.add_request("short", llm.tokenizer.encode(PROMPTS[1]), sp)
@@ -212,14 +210,7 @@ def test_step_time_target_keeps_prompt_chunks_to_the_slack_of_decode_steps(
     smollm2_gguf_path, english_text
 ):
     llm = LLM(smollm2_gguf_path, n_threads=2, kv_cache_tokens=512)
-    engine = RecordingEngine(llm._engine)
-    scheduler = Scheduler(
-        engine,
-        llm.tokenizer,
-        vocab_size=llm.vocab_size,
-        max_context=llm.max_context,
-        step_time_target=0.04,
-    )
+    engine, scheduler = recording_scheduler(llm, step_time_target=0.04)
     # 10 ms a step + 1 ms a decode + 5 ms a prompt token: one decode leaves room for 5 tokens.
     scheduler.cost_model = FrozenCostModel(0.010, 0.001, 0.005, 0.0)
     sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
