@@ -62,7 +62,7 @@ def compute_dtype_for(records: pd.DataFrame | Iterable[dict]) -> str:
     df = records if isinstance(records, pd.DataFrame) else pd.DataFrame(list(records))
     if df.empty:
         return "fp32"
-    quant = sum(df[f"weight_bytes_dtype_{q}"].sum() for q in _QUANTIZED)
+    quant = sum(df[c].sum() for c in (f"weight_bytes_dtype_{q}" for q in _QUANTIZED) if c in df)
     total = df[[c for c in df.columns if c.startswith("weight_bytes_dtype_")]].sum().sum()
     return "int8" if quant > total / 2 else "fp32"
 

@@ -135,13 +135,19 @@ def prepare_inputs(model_path: Path, workload: Workload) -> Inputs:
         tok = Tokenizer.from_file(ckpt.tokenizer_dir)
     questions = acc.make_questions(workload.n_questions)
     q_ids = [tok.encode_chat([{"role": "user", "content": q.text}]) for q in questions]
-    stream = tok.encode(acc.license_text(), add_special_tokens=False)
-    ppl = acc.perplexity_windows(stream, workload.ppl_window, workload.ppl_windows)
     used = workload.ppl_window * workload.ppl_windows
     n_prompts = max(workload.batch_sizes)
+    needed = used + n_prompts * workload.prompt_tokens
+    # Tokenize only a prefix that surely holds the tokens needed (English text: < 8 chars per
+    # token); the whole text when that is not enough.
+    text = acc.license_text()
+    stream = tok.encode(text[: needed * 8 + 4096], add_special_tokens=False)
+    if len(stream) < needed:
+        stream = tok.encode(text, add_special_tokens=False)
+    ppl = acc.perplexity_windows(stream, workload.ppl_window, workload.ppl_windows)
     rest = stream[used:]
-    stride = max(workload.prompt_tokens, (len(rest) - workload.prompt_tokens) // max(n_prompts, 1))
-    prompts = [rest[i * stride : i * stride + workload.prompt_tokens] for i in range(n_prompts)]
+    # Consecutive windows: distinct token ids at every position, so no prefix is shared.
+    prompts = [rest[i * workload.prompt_tokens : (i + 1) * workload.prompt_tokens] for i in range(n_prompts)]
     if any(len(p) != workload.prompt_tokens for p in prompts):
         raise InvalidRequestError(
             f"the license text is too short for {n_prompts} prompts of {workload.prompt_tokens} tokens"
