@@ -47,7 +47,9 @@ def test_gpu_spec_table():
     assert GPU_SPECS["A100-SXM-80GB"].bandwidth == 2.039e12
     # Dense, not 2:4-sparse: H100 SXM BF16 is 989 TFLOP/s (1979 with sparsity).
     assert GPU_SPECS["H100-SXM"].peak_flops["bf16"] == pytest.approx(989.4e12)
-    assert GPU_SPECS["A100-SXM-80GB"].peak_for("fp8") == GPU_SPECS["A100-SXM-80GB"].peak_flops["bf16"]
+    assert (
+        GPU_SPECS["A100-SXM-80GB"].peak_for("fp8") == GPU_SPECS["A100-SXM-80GB"].peak_flops["bf16"]
+    )
     assert gpu_spec_for_name("NVIDIA H100 80GB HBM3").name == "H100-SXM"
     assert gpu_spec_for_name("NVIDIA H200").name == "H200"
     assert gpu_spec_for_name("AMD Instinct MI300X").name == "MI300X"
@@ -63,13 +65,15 @@ def test_cpu_probe_is_cached(cpu_hw, probe_home):
     assert again.extra["probe"]["cached"] is True
     assert again.bandwidth == cpu_hw.bandwidth and again.peak_flops == cpu_hw.peak_flops
     # Price and power are the 2/64 share of the reference server CPU.
-    assert again.price_usd == pytest.approx(7200 * 2 / 64) and again.tdp_w == pytest.approx(350 * 2 / 64)
+    assert again.price_usd == pytest.approx(7200 * 2 / 64) and again.tdp_w == pytest.approx(
+        350 * 2 / 64
+    )
 
 
 def _record(**kw) -> dict:
-    zero_terms = {
-        f"flops_{t}": 0.0 for t in cap_metrics.DEFINITIONS["complete"]["flops"]
-    } | {f"weight_bytes_{t}": 0.0 for t in cap_metrics.DEFINITIONS["complete"]["weights"]}
+    zero_terms = {f"flops_{t}": 0.0 for t in cap_metrics.DEFINITIONS["complete"]["flops"]} | {
+        f"weight_bytes_{t}": 0.0 for t in cap_metrics.DEFINITIONS["complete"]["weights"]
+    }
     base = {
         "mode": "decode", "n_tokens": 1, "seconds": 1.0, "kv_bytes_unique": 0.0,
         "kv_bytes_written": 0.0, "moe_layers": 0, "experts_active_sum": 0.0,
@@ -79,7 +83,9 @@ def _record(**kw) -> dict:
 
 
 def test_smbu_smfu_formulas_and_both_aggregates():
-    spec = HardwareSpec("toy", "cpu", {"fp32": 100.0, "int8": 200.0}, bandwidth=1000.0, price_usd=1, tdp_w=1)
+    spec = HardwareSpec(
+        "toy", "cpu", {"fp32": 100.0, "int8": 200.0}, bandwidth=1000.0, price_usd=1, tdp_w=1
+    )
     recs = [
         # 300 B of attention + FFN weights, 100 B KV, 50 B LM head, 10 B embed in 1 s.
         _record(weight_bytes_attn=100.0, weight_bytes_dense_ffn=200.0, kv_bytes_unique=100.0,
@@ -112,7 +118,9 @@ def test_smbu_smfu_in_unit_interval_on_real_runs(smollm2, cpu_hw):
 
     smollm2.reset_counters()
     prompts = [list(range(100, 140)), list(range(200, 233))]
-    smollm2.generate_batch_ids(prompts, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    smollm2.generate_batch_ids(
+        prompts, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    )
     df = cap_metrics.per_pass(smollm2.counters(), cpu_hw)
     assert list(df["mode"]) == ["prefill"] + ["decode"] * 7
     assert (df["n_tokens"] == [73] + [2] * 7).all()

@@ -109,8 +109,15 @@ def test_dense_counts_match_hand_values(window):
         assert r["weight_bytes_norm"] == NORM_BYTES
         assert r["weight_bytes_lm_head"] == HEAD_BYTES
         assert r["weight_bytes_embed"] == tokens * EMBED_ROW
-        assert r["weight_bytes_dtype_q8_0"] == L * (4 * 68 * 48 + 64 * 102) == ATTN_BYTES + L * 64 * 102
-        assert r["weight_bytes_dtype_f32"] == L * 2 * 96 * 64 * 4 + NORM_BYTES + HEAD_BYTES + tokens * EMBED_ROW
+        assert (
+            r["weight_bytes_dtype_q8_0"]
+            == L * (4 * 68 * 48 + 64 * 102)
+            == ATTN_BYTES + L * 64 * 102
+        )
+        assert (
+            r["weight_bytes_dtype_f32"]
+            == L * 2 * 96 * 64 * 4 + NORM_BYTES + HEAD_BYTES + tokens * EMBED_ROW
+        )
         for term in ("router", "experts", "shared_experts"):
             assert r[f"flops_{term}"] == 0 and r[f"weight_bytes_{term}"] == 0
         assert r["moe_layers"] == 0 and r["seconds"] > 0
@@ -163,7 +170,11 @@ def test_moe_layer_terms_hand_values():
     assert t["flops_shared_experts"] == 2 * 4 * 384
     assert t["weight_bytes_experts"] == 2 * 408
     assert t["weight_bytes_router"] == 128 and t["weight_bytes_shared_experts"] == 768
-    assert (t["weight_bytes_dtype_q8_0"], t["weight_bytes_dtype_f32"], t["weight_bytes_dtype_f16"]) == (
+    assert (
+        t["weight_bytes_dtype_q8_0"],
+        t["weight_bytes_dtype_f32"],
+        t["weight_bytes_dtype_f16"],
+    ) == (
         816,
         128,
         768,

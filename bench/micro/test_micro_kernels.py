@@ -24,7 +24,14 @@ from lmengine import _core
 
 ROWS, K = 1024, 1024
 # fp16 scale offsets inside each block type (the other bytes may be anything).
-HALF_OFFSETS = {G.Q4_0: [0], G.Q4_1: [0, 2], G.Q5_0: [0], G.Q8_0: [0], G.Q4_K: [0, 2], G.Q6_K: [208]}
+HALF_OFFSETS = {
+    G.Q4_0: [0],
+    G.Q4_1: [0, 2],
+    G.Q5_0: [0],
+    G.Q8_0: [0],
+    G.Q4_K: [0, 2],
+    G.Q6_K: [208],
+}
 ACT_BLOCK = {G.Q4_0: 32, G.Q4_1: 32, G.Q5_0: 32, G.Q8_0: 32, G.Q4_K: 256, G.Q6_K: 256}
 TYPES = [G.Q4_0, G.Q4_1, G.Q5_0, G.Q8_0, G.Q4_K, G.Q6_K, G.F16, G.BF16, G.F32]
 

@@ -123,6 +123,6 @@ def window_nll(logits: np.ndarray, ids: list[int]) -> tuple[float, int]:
     x = np.asarray(logits[:-1], dtype=np.float64)
     target = np.asarray(ids[1:])
     m = x.max(axis=1, keepdims=True)
-    logz = (m[:, 0] + np.log(np.exp(x - m).sum(axis=1)))
+    logz = m[:, 0] + np.log(np.exp(x - m).sum(axis=1))
     nll = logz - x[np.arange(len(target)), target]
     return float(nll.sum()), int(len(target))

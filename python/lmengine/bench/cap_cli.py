@@ -31,7 +31,9 @@ def _int_list(text: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {text!r}")
     return sorted(set(values))
@@ -84,8 +86,11 @@ def run_cap_command(args: argparse.Namespace) -> int:
         show_progress=not args.no_progress,
     )
     print(Path(results["files"]["summary_md"]).read_text())
-    print(f"[lmengine] wrote {out_dir}/ (runs.csv, passes.csv, summary.md, cap_radar.png/.svg, "
-          "smbu_smfu_vs_batch.png/.svg, results.json)", file=sys.stderr)
+    print(
+        f"[lmengine] wrote {out_dir}/ (runs.csv, passes.csv, summary.md, cap_radar.png/.svg, "
+        "smbu_smfu_vs_batch.png/.svg, results.json)",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -103,20 +108,32 @@ def add_cap_parser(sub) -> None:
     p.add_argument("-m", "--model", default="smollm2-135m")
     p.add_argument("-t", "--threads", type=int, default=None)
     p.add_argument("--systems", nargs="+", default=None, metavar="SYSTEM")
-    p.add_argument("--quick", action="store_true", help="small preset (~1-2 min on the default model)")
+    p.add_argument(
+        "--quick", action="store_true", help="small preset (~1-2 min on the default model)"
+    )
     p.add_argument("--batch-sizes", dest="batch_sizes", default=None, help="e.g. 1,2,4,8")
     p.add_argument("--prompt-tokens", dest="prompt_tokens", type=int, default=None)
     p.add_argument("--output-tokens", dest="output_tokens", type=int, default=None)
     p.add_argument("--questions", type=int, default=None, help="arithmetic/unit questions")
     p.add_argument("--ppl-window", dest="ppl_window", type=int, default=None)
     p.add_argument("--ppl-windows", dest="ppl_windows", type=int, default=None)
-    p.add_argument("-o", "--output", default=None, help="output folder (default bench/results/cap-<time>)")
-    p.add_argument("--hardware", default="auto", help="auto/cpu (probed) or a spec table name, e.g. H100-SXM")
-    p.add_argument("--reprobe", action="store_true", help="measure the CPU peaks again (cached otherwise)")
-    p.add_argument("--hardware-price", type=float, default=None, help="USD (default: spec table / CPU share)")
+    p.add_argument(
+        "-o", "--output", default=None, help="output folder (default bench/results/cap-<time>)"
+    )
+    p.add_argument(
+        "--hardware", default="auto", help="auto/cpu (probed) or a spec table name, e.g. H100-SXM"
+    )
+    p.add_argument(
+        "--reprobe", action="store_true", help="measure the CPU peaks again (cached otherwise)"
+    )
+    p.add_argument(
+        "--hardware-price", type=float, default=None, help="USD (default: spec table / CPU share)"
+    )
     p.add_argument("--hardware-watts", type=float, default=None, help="W for the energy estimate")
     p.add_argument("--lifetime-years", type=float, default=3.0, help="hardware amortisation period")
     p.add_argument("--usd-per-kwh", type=float, default=0.15)
-    p.add_argument("--llamacpp-python", default=None, help="python with llama_cpp (default: side venv)")
+    p.add_argument(
+        "--llamacpp-python", default=None, help="python with llama_cpp (default: side venv)"
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_cap_command)

@@ -79,7 +79,12 @@ def _plot_vs_batch(runs: pd.DataFrame, stem: Path) -> list[Path]:
     for system, g in measured.groupby("system", sort=False):
         g = g.sort_values("batch_size")
         a1.plot(g["batch_size"], g["decode_s_mbu_compat_mean"], "o-", label=f"{system} (MoE-CAP)")
-        a1.plot(g["batch_size"], g["decode_s_mbu_complete_total"], "s--", label=f"{system} (complete, Σ/Σt)")
+        a1.plot(
+            g["batch_size"],
+            g["decode_s_mbu_complete_total"],
+            "s--",
+            label=f"{system} (complete, Σ/Σt)",
+        )
         a2.plot(g["batch_size"], g["prefill_s_mfu_compat_mean"], "o-", label=f"{system} prefill")
         a2.plot(g["batch_size"], g["decode_s_mfu_compat_mean"], "s--", label=f"{system} decode")
     a1.set(xlabel="batch size", ylabel="S-MBU (decode passes)", title="S-MBU vs batch size")
@@ -161,7 +166,9 @@ def _markdown(results: dict, scores: pd.DataFrame, radar_batch: int, files: dict
         "|---|---:|---:|---:|",
     ]
     for _, s in scores.iterrows():
-        lines.append(f"| {s['system']} | {s['Cost']:.0f} | {s['Accuracy']:.0f} | {s['Performance']:.0f} |")
+        lines.append(
+            f"| {s['system']} | {s['Cost']:.0f} | {s['Accuracy']:.0f} | {s['Performance']:.0f} |"
+        )
     lines += [
         "",
         "Axes on [20, 100], outward is better: accuracy 20 + 80 (v - min) / (max - min); cost "
@@ -174,8 +181,13 @@ def _markdown(results: dict, scores: pd.DataFrame, radar_batch: int, files: dict
     for label, info in results["systems"].items():
         wrong = [a for a in info["answers"] if not a["correct"]][:3]
         if wrong:
-            ex = "; ".join(f"{a['question']!r} -> {a['reply'].strip()[:40]!r} (want {a['answer']})" for a in wrong)
-            lines.append(f"- {label} ({info['version']}, load {info['load_s']:.2f} s) misses e.g.: {ex}")
+            ex = "; ".join(
+                f"{a['question']!r} -> {a['reply'].strip()[:40]!r} (want {a['answer']})"
+                for a in wrong
+            )
+            lines.append(
+                f"- {label} ({info['version']}, load {info['load_s']:.2f} s) misses e.g.: {ex}"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -147,7 +147,10 @@ def prepare_inputs(model_path: Path, workload: Workload) -> Inputs:
     ppl = acc.perplexity_windows(stream, workload.ppl_window, workload.ppl_windows)
     rest = stream[used:]
     # Consecutive windows: distinct token ids at every position, so no prefix is shared.
-    prompts = [rest[i * workload.prompt_tokens : (i + 1) * workload.prompt_tokens] for i in range(n_prompts)]
+    prompts = [
+        rest[i * workload.prompt_tokens : (i + 1) * workload.prompt_tokens]
+        for i in range(n_prompts)
+    ]
     if any(len(p) != workload.prompt_tokens for p in prompts):
         raise InvalidRequestError(
             f"the license text is too short for {n_prompts} prompts of {workload.prompt_tokens} tokens"
@@ -163,10 +166,14 @@ def select_hardware(
     if name in ("auto", "cpu"):
         return cpu_spec(threads, reprobe=reprobe, price_usd=price, tdp_w=tdp)
     if name not in GPU_SPECS:
-        raise InvalidRequestError(f"unknown hardware {name!r}; choose cpu or one of {sorted(GPU_SPECS)}")
+        raise InvalidRequestError(
+            f"unknown hardware {name!r}; choose cpu or one of {sorted(GPU_SPECS)}"
+        )
     spec = GPU_SPECS[name]
     if price is not None or tdp is not None:
-        spec = HardwareSpec(**{**spec.to_dict(), "price_usd": price or spec.price_usd, "tdp_w": tdp or spec.tdp_w})
+        spec = HardwareSpec(
+            **{**spec.to_dict(), "price_usd": price or spec.price_usd, "tdp_w": tdp or spec.tdp_w}
+        )
     return spec
 
 
@@ -174,8 +181,14 @@ def _score(inputs: Inputs, answers: list[list[int]]) -> tuple[float, list[dict]]
     detail = []
     for q, ids in zip(inputs.questions, answers):
         reply = inputs.decode([t for t in ids if t not in inputs.eos_ids])
-        detail.append({"question": q.text, "answer": q.answer, "reply": reply,
-                       "correct": acc.score_answer(reply, q.answer)})
+        detail.append(
+            {
+                "question": q.text,
+                "answer": q.answer,
+                "reply": reply,
+                "correct": acc.score_answer(reply, q.answer),
+            }
+        )
     return float(np.mean([d["correct"] for d in detail])) if detail else float("nan"), detail
 
 
@@ -186,8 +199,17 @@ def _energy_for_cost(reading, wall_s: float, cost: CostModel) -> tuple[float, fl
     return cost.tdp_w * wall_s, None, "tdp-estimate"
 
 
-def _run_row(system: SystemConfig, b: int, workload: Workload, ttft, decode_s, wall_s,
-             energy, cost: CostModel, hw: HardwareSpec) -> dict:
+def _run_row(
+    system: SystemConfig,
+    b: int,
+    workload: Workload,
+    ttft,
+    decode_s,
+    wall_s,
+    energy,
+    cost: CostModel,
+    hw: HardwareSpec,
+) -> dict:
     n = workload.output_tokens
     joules, measured, source = energy
     return {
@@ -245,7 +267,9 @@ def run_lmengine(system, model_path, threads, workload, inputs, hw, cost, progre
     info["perplexity"] = float(np.exp(sum(s for s, _ in nll) / sum(c for _, c in nll)))
     progress.update(1)
     params = SamplingParams(max_tokens=workload.output_tokens, temperature=0, ignore_eos=True)
-    llm.generate_batch_ids(inputs.prompts[:1], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    llm.generate_batch_ids(
+        inputs.prompts[:1], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    )
     rows, pass_frames = [], []
     for b in workload.batch_sizes:
         progress.set_postfix_str(f"{system.label}: batch {b}")
@@ -259,8 +283,17 @@ def run_lmengine(system, model_path, threads, workload, inputs, hw, cost, progre
         passes = cap_metrics.per_pass(llm.counters(), hw)
         passes.insert(0, "system", system.label)
         passes.insert(1, "batch_size", b)
-        row = _run_row(system, b, workload, ttft, decode, wall,
-                       _energy_for_cost(meter.reading, wall, cost), cost, hw)
+        row = _run_row(
+            system,
+            b,
+            workload,
+            ttft,
+            decode,
+            wall,
+            _energy_for_cost(meter.reading, wall, cost),
+            cost,
+            hw,
+        )
         _add_counter_metrics(row, passes, hw)
         rows.append(row)
         pass_frames.append(passes)
@@ -272,9 +305,13 @@ def peer_python(kind: str, llamacpp_python: str | None) -> str:
     """The interpreter that runs a peer, or a clear error when the peer is not installed."""
     if kind == "llamacpp":
         python = Path(llamacpp_python) if llamacpp_python else LLAMACPP_PYTHON
-        ok = python.exists() and subprocess.run(
-            [str(python), "-c", "import llama_cpp"], capture_output=True
-        ).returncode == 0
+        ok = (
+            python.exists()
+            and subprocess.run(
+                [str(python), "-c", "import llama_cpp"], capture_output=True
+            ).returncode
+            == 0
+        )
         if not ok:
             raise InvalidRequestError(
                 f"peer 'llamacpp' is not installed: llama_cpp does not import under {python}. "
@@ -282,7 +319,9 @@ def peer_python(kind: str, llamacpp_python: str | None) -> str:
                 "venv ~/.cache/lmengine/peers/llamacpp-venv) or pass --llamacpp-python"
             )
         return str(python)
-    probe = subprocess.run([sys.executable, "-c", "import transformers, torch"], capture_output=True)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import transformers, torch"], capture_output=True
+    )
     if probe.returncode != 0:
         raise InvalidRequestError(
             "peer 'hf' is not installed: transformers and torch do not import under "
@@ -303,8 +342,14 @@ def run_peer(system, model_path, threads, workload, inputs, hw, cost, progress, 
     if Path(model_path).suffix != ".gguf":
         raise InvalidRequestError(f"peer {system.kind} needs a .gguf model, got {model_path}")
     here = Path(__file__).resolve().parent
-    n_ctx = max(max(len(q) for q in inputs.question_ids) + workload.question_max_tokens,
-                workload.prompt_tokens + workload.output_tokens, workload.ppl_window) + 16
+    n_ctx = (
+        max(
+            max(len(q) for q in inputs.question_ids) + workload.question_max_tokens,
+            workload.prompt_tokens + workload.output_tokens,
+            workload.ppl_window,
+        )
+        + 16
+    )
     cfg = {
         "system": system.kind,
         "model": str(model_path),
@@ -328,12 +373,23 @@ def run_peer(system, model_path, threads, workload, inputs, hw, cost, progress, 
     env["TQDM_DISABLE"] = "1"
     progress.set_postfix_str(f"{system.label}: running in its own process")
     try:
-        proc = subprocess.run([python, str(here / "cap_peer_worker.py"), str(cfg_path)],
-                              stdout=subprocess.PIPE, text=True, env=env, timeout=3600)
+        proc = subprocess.run(
+            [python, str(here / "cap_peer_worker.py"), str(cfg_path)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            timeout=3600,
+        )
     finally:
         cfg_path.unlink(missing_ok=True)
-    result = next((json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines()
-                   if line.startswith("CAP_RESULT ")), None)
+    result = next(
+        (
+            json.loads(line.split(" ", 1)[1])
+            for line in proc.stdout.splitlines()
+            if line.startswith("CAP_RESULT ")
+        ),
+        None,
+    )
     if result is None or "error" in result:
         why = result["error"] if result else f"worker exited with status {proc.returncode}"
         raise RuntimeError(f"peer {system.kind} failed: {why}")
@@ -346,8 +402,17 @@ def run_peer(system, model_path, threads, workload, inputs, hw, cost, progress, 
         reading = None
         if r["energy_j"] is not None:
             reading = type("R", (), {"energy_j": r["energy_j"], "sources": r["energy_sources"]})
-        row = _run_row(system, r["batch_size"], workload, r["ttft_s"], r["decode_s"], r["wall_s"],
-                       _energy_for_cost(reading, r["wall_s"], cost), cost, hw)
+        row = _run_row(
+            system,
+            r["batch_size"],
+            workload,
+            r["ttft_s"],
+            r["decode_s"],
+            r["wall_s"],
+            _energy_for_cost(reading, r["wall_s"], cost),
+            cost,
+            hw,
+        )
         rows.append(row)
         progress.update(1)
     return rows, [], info
@@ -374,7 +439,9 @@ def run_cap(
 
     from lmengine.bench.cap_report import write_report
 
-    pythons = {s.kind: peer_python(s.kind, llamacpp_python) for s in systems if s.kind in PEER_KINDS}
+    pythons = {
+        s.kind: peer_python(s.kind, llamacpp_python) for s in systems if s.kind in PEER_KINDS
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     hw = select_hardware(hardware, threads, price_usd, tdp_w, reprobe)
     cost = CostModel(hw.price_usd, hw.tdp_w, lifetime_years, usd_per_kwh)
@@ -382,17 +449,31 @@ def run_cap(
     gpus = [{k: v for k, v in g.items() if k != "handle"} for g in gpu_devices()]
     rows, passes, infos = [], [], {}
     total = len(systems) * (2 + len(workload.batch_sizes))
-    with tqdm(total=total, desc="bench cap", unit="step", disable=not show_progress,
-              file=sys.stderr) as progress:
+    with tqdm(
+        total=total, desc="bench cap", unit="step", disable=not show_progress, file=sys.stderr
+    ) as progress:
         for system in systems:
             if system.kind == "lmengine":
-                r, p, info = run_lmengine(system, model_path, threads, workload, inputs, hw, cost, progress)
+                r, p, info = run_lmengine(
+                    system, model_path, threads, workload, inputs, hw, cost, progress
+                )
             else:
-                r, p, info = run_peer(system, model_path, threads, workload, inputs, hw, cost,
-                                      progress, pythons[system.kind], out_dir)
+                r, p, info = run_peer(
+                    system,
+                    model_path,
+                    threads,
+                    workload,
+                    inputs,
+                    hw,
+                    cost,
+                    progress,
+                    pythons[system.kind],
+                    out_dir,
+                )
             for row in r:
-                row.update(accuracy=info["accuracy"], perplexity=info["perplexity"],
-                           load_s=info["load_s"])
+                row.update(
+                    accuracy=info["accuracy"], perplexity=info["perplexity"], load_s=info["load_s"]
+                )
             rows += r
             passes += p
             infos[system.label] = info

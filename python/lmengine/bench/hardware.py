@@ -53,8 +53,13 @@ class HardwareSpec:
         return asdict(self)
 
 
-_FALLBACK = {"int8": ("fp8", "bf16", "fp16", "fp32"), "fp8": ("bf16", "fp32"), "bf16": ("fp16", "fp32"),
-             "fp16": ("bf16", "fp32"), "tf32": ("fp32",)}
+_FALLBACK = {
+    "int8": ("fp8", "bf16", "fp16", "fp32"),
+    "fp8": ("bf16", "fp32"),
+    "bf16": ("fp16", "fp32"),
+    "fp16": ("bf16", "fp32"),
+    "tf32": ("fp32",),
+}
 
 # Dense peaks, memory bandwidth and TDP from the vendors' datasheets:
 #  H100 SXM5 80GB, H200 SXM 141GB: NVIDIA H100 / H200 Tensor Core GPU datasheets (FP32 67 TF,
@@ -75,43 +80,91 @@ GPU_SPECS: dict[str, HardwareSpec] = {
         HardwareSpec(
             "H100-SXM",
             "gpu",
-            {"fp32": 67 * T, "tf32": 494.7 * T, "bf16": 989.4 * T, "fp16": 989.4 * T,
-             "fp8": 1978.9 * T, "int8": 1978.9 * T},
-            3.35e12, 30_000, 700, "NVIDIA H100 datasheet (SXM5), dense = sparse / 2",
+            {
+                "fp32": 67 * T,
+                "tf32": 494.7 * T,
+                "bf16": 989.4 * T,
+                "fp16": 989.4 * T,
+                "fp8": 1978.9 * T,
+                "int8": 1978.9 * T,
+            },
+            3.35e12,
+            30_000,
+            700,
+            "NVIDIA H100 datasheet (SXM5), dense = sparse / 2",
         ),
         HardwareSpec(
             "H200",
             "gpu",
-            {"fp32": 67 * T, "tf32": 494.7 * T, "bf16": 989.4 * T, "fp16": 989.4 * T,
-             "fp8": 1978.9 * T, "int8": 1978.9 * T},
-            4.8e12, 35_000, 700, "NVIDIA H200 datasheet (SXM), dense = sparse / 2",
+            {
+                "fp32": 67 * T,
+                "tf32": 494.7 * T,
+                "bf16": 989.4 * T,
+                "fp16": 989.4 * T,
+                "fp8": 1978.9 * T,
+                "int8": 1978.9 * T,
+            },
+            4.8e12,
+            35_000,
+            700,
+            "NVIDIA H200 datasheet (SXM), dense = sparse / 2",
         ),
         HardwareSpec(
             "A100-SXM-80GB",
             "gpu",
             {"fp32": 19.5 * T, "tf32": 156 * T, "bf16": 312 * T, "fp16": 312 * T, "int8": 624 * T},
-            2.039e12, 19_000, 400, "NVIDIA A100 datasheet (SXM 80GB), dense",
+            2.039e12,
+            19_000,
+            400,
+            "NVIDIA A100 datasheet (SXM 80GB), dense",
         ),
         HardwareSpec(
             "L40S",
             "gpu",
-            {"fp32": 91.6 * T, "tf32": 183 * T, "bf16": 362.05 * T, "fp16": 362.05 * T,
-             "fp8": 733 * T, "int8": 733 * T},
-            0.864e12, 9_000, 350, "NVIDIA L40S datasheet, dense = sparse / 2",
+            {
+                "fp32": 91.6 * T,
+                "tf32": 183 * T,
+                "bf16": 362.05 * T,
+                "fp16": 362.05 * T,
+                "fp8": 733 * T,
+                "int8": 733 * T,
+            },
+            0.864e12,
+            9_000,
+            350,
+            "NVIDIA L40S datasheet, dense = sparse / 2",
         ),
         HardwareSpec(
             "B200",
             "gpu",
-            {"fp32": 75 * T, "tf32": 1100 * T, "bf16": 2250 * T, "fp16": 2250 * T,
-             "fp8": 4500 * T, "int8": 4500 * T},
-            8.0e12, 40_000, 1000, "NVIDIA HGX B200 datasheet (per GPU), dense = sparse / 2",
+            {
+                "fp32": 75 * T,
+                "tf32": 1100 * T,
+                "bf16": 2250 * T,
+                "fp16": 2250 * T,
+                "fp8": 4500 * T,
+                "int8": 4500 * T,
+            },
+            8.0e12,
+            40_000,
+            1000,
+            "NVIDIA HGX B200 datasheet (per GPU), dense = sparse / 2",
         ),
         HardwareSpec(
             "MI300X",
             "gpu",
-            {"fp32": 163.4 * T, "tf32": 653.7 * T, "bf16": 1307.4 * T, "fp16": 1307.4 * T,
-             "fp8": 2614.9 * T, "int8": 2614.9 * T},
-            5.3e12, 15_000, 750, "AMD Instinct MI300X datasheet, dense",
+            {
+                "fp32": 163.4 * T,
+                "tf32": 653.7 * T,
+                "bf16": 1307.4 * T,
+                "fp16": 1307.4 * T,
+                "fp8": 2614.9 * T,
+                "int8": 2614.9 * T,
+            },
+            5.3e12,
+            15_000,
+            750,
+            "AMD Instinct MI300X datasheet, dense",
         ),
     ]
 }
@@ -179,7 +232,9 @@ def _probe_gemm_fp32(n: int = 1024, reps: int = 12) -> float:
     return 2 * n**3 / best
 
 
-def _probe_int8(threads: int, rows: int = 256, k: int = 2048, tokens: int = 64, reps: int = 20) -> float:
+def _probe_int8(
+    threads: int, rows: int = 256, k: int = 2048, tokens: int = 64, reps: int = 20
+) -> float:
     """8-bit products through the engine's own Q8_0 kernel (int8 weights x int8 activations), one
     matrix per thread in parallel; OP/s = 2 * rows * k * tokens per call; best of reps."""
     from lmengine import _core
