@@ -8,33 +8,41 @@ namespace lme {
 
 const char* pass_mode_name(int32_t mode) {
   switch (mode) {
-    case 0: return "prefill";
-    case 1: return "decode";
-    case 2: return "mixed";
-    default: return "unknown";
+    case 0:
+      return "prefill";
+    case 1:
+      return "decode";
+    case 2:
+      return "mixed";
+    default:
+      return "unknown";
   }
 }
 
 const char* flop_term_name(int term) {
-  static const char* const names[kNumFlopTerms] = {"attn_proj", "attn_scores", "dense_ffn", "lm_head",
-                                                   "norm",      "router",      "experts",   "shared_experts"};
+  static const char* const names[kNumFlopTerms] = {"attn_proj", "attn_scores",   "dense_ffn",
+                                                   "lm_head",   "norm",          "router",
+                                                   "experts",   "shared_experts"};
   return term >= 0 && term < kNumFlopTerms ? names[term] : "unknown";
 }
 
 const char* weight_term_name(int term) {
-  static const char* const names[kNumWeightTerms] = {"attn", "dense_ffn", "embed",   "lm_head",
-                                                     "norm", "router",    "experts", "shared_experts"};
+  static const char* const names[kNumWeightTerms] = {
+      "attn", "dense_ffn", "embed", "lm_head", "norm", "router", "experts", "shared_experts"};
   return term >= 0 && term < kNumWeightTerms ? names[term] : "unknown";
 }
 
 namespace {
-constexpr DType kSlotTypes[kNumDTypeSlots] = {DType::F32,  DType::F16,  DType::BF16, DType::Q8_0, DType::Q4_0,
-                                              DType::Q4_1, DType::Q5_0, DType::Q4_K, DType::Q6_K};
+constexpr DType kSlotTypes[kNumDTypeSlots] = {DType::F32,  DType::F16,  DType::BF16,
+                                              DType::Q8_0, DType::Q4_0, DType::Q4_1,
+                                              DType::Q5_0, DType::Q4_K, DType::Q6_K};
 
 double tensor_bytes(const WeightTensor& t) {
   return t.data == nullptr ? 0.0 : static_cast<double>(t.rows * dtype_row_bytes(t.type, t.cols));
 }
-double tensor_params(const WeightTensor& t) { return t.data == nullptr ? 0.0 : static_cast<double>(t.rows * t.cols); }
+double tensor_params(const WeightTensor& t) {
+  return t.data == nullptr ? 0.0 : static_cast<double>(t.rows * t.cols);
+}
 }  // namespace
 
 int dtype_slot(DType t) {
@@ -46,10 +54,13 @@ int dtype_slot(DType t) {
 
 DType dtype_of_slot(int slot) { return kSlotTypes[slot >= 0 && slot < kNumDTypeSlots ? slot : 0]; }
 
-void dense_attention_terms_add(const AttentionShape& s, int64_t start, int64_t n, AttentionTerms* out) {
+void dense_attention_terms_add(const AttentionShape& s, int64_t start, int64_t n,
+                               AttentionTerms* out) {
   if (n <= 0) return;
   const int64_t ps = s.page_size > 0 ? s.page_size : 1;
-  auto lo_of = [&](int64_t p) { return s.sliding_window > 0 ? std::max<int64_t>(0, p - s.sliding_window + 1) : 0; };
+  auto lo_of = [&](int64_t p) {
+    return s.sliding_window > 0 ? std::max<int64_t>(0, p - s.sliding_window + 1) : 0;
+  };
   int64_t keys = 0, k_slots = 0;  // attended keys; K slots read (whole pages)
   for (int64_t p = start; p < start + n; ++p) {
     const int64_t lo = lo_of(p);
@@ -64,11 +75,13 @@ void dense_attention_terms_add(const AttentionShape& s, int64_t start, int64_t n
   out->kv_bytes_read += row * static_cast<double>(k_slots + keys);
   out->kv_bytes_unique += 2.0 * row * static_cast<double>(unique);
   out->kv_bytes_written += 2.0 * row * static_cast<double>(n);
-  out->flops += 4.0 * static_cast<double>(s.n_layers * s.n_heads * s.head_dim) * static_cast<double>(keys);
+  out->flops +=
+      4.0 * static_cast<double>(s.n_layers * s.n_heads * s.head_dim) * static_cast<double>(keys);
 }
 
 AttentionTerms block_sparse_attention_terms(const AttentionShape& s, int64_t n_query_tokens,
-                                            const int64_t* selected_blocks, const int64_t* summaries_scored,
+                                            const int64_t* selected_blocks,
+                                            const int64_t* summaries_scored,
                                             int64_t summary_bytes) {
   AttentionTerms t;
   const double hd = static_cast<double>(s.head_dim), ps = static_cast<double>(s.page_size);
@@ -87,12 +100,13 @@ AttentionTerms block_sparse_attention_terms(const AttentionShape& s, int64_t n_q
   t.context_attended = heads_layers > 0 ? blocks * s.page_size / heads_layers : 0;
   t.context_unique = t.context_attended;
   t.kv_bytes_unique = t.kv_bytes_read;
-  t.kv_bytes_written = 2.0 * static_cast<double>(n_query_tokens * s.n_layers * s.n_kv_heads * s.head_dim *
-                                                 s.kv_elem_bytes);
+  t.kv_bytes_written = 2.0 * static_cast<double>(n_query_tokens * s.n_layers * s.n_kv_heads *
+                                                 s.head_dim * s.kv_elem_bytes);
   return t;
 }
 
-MoeLayerTerms moe_layer_terms(const MoeLayerShape& s, const int32_t* expert_hits, int64_t n_tokens) {
+MoeLayerTerms moe_layer_terms(const MoeLayerShape& s, const int32_t* expert_hits,
+                              int64_t n_tokens) {
   MoeLayerTerms t;
   int64_t hits = 0;
   for (int32_t e = 0; e < s.n_experts; ++e) {
@@ -129,12 +143,14 @@ void PassCounters::configure(const ModelConfig& c, const ModelWeights& w, const 
     fixed_bytes_by_dtype_[dtype_slot(t.type)] += b;
   };
   for (const LayerWeights& L : w.layers) {
-    for (const WeightTensor* t : {&L.wq, &L.wk, &L.wv, &L.wo, &L.bq, &L.bk, &L.bv}) add_bytes(*t, kWeightAttn);
+    for (const WeightTensor* t : {&L.wq, &L.wk, &L.wv, &L.wo, &L.bq, &L.bk, &L.bv})
+      add_bytes(*t, kWeightAttn);
     for (const WeightTensor* t : {&L.w_gate, &L.w_up, &L.w_down}) add_bytes(*t, kWeightDenseFFN);
     for (const WeightTensor* t : {&L.attn_norm, &L.ffn_norm}) add_bytes(*t, kWeightNorm);
-    flops_per_token_[kFlopAttnProj] += 2.0 * (tensor_params(L.wq) + tensor_params(L.wk) + tensor_params(L.wv) +
-                                              tensor_params(L.wo)) +
-                                       tensor_params(L.bq) + tensor_params(L.bk) + tensor_params(L.bv);
+    flops_per_token_[kFlopAttnProj] += 2.0 * (tensor_params(L.wq) + tensor_params(L.wk) +
+                                              tensor_params(L.wv) + tensor_params(L.wo)) +
+                                       tensor_params(L.bq) + tensor_params(L.bk) +
+                                       tensor_params(L.bv);
     flops_per_token_[kFlopDenseFFN] +=
         2.0 * (tensor_params(L.w_gate) + tensor_params(L.w_up) + tensor_params(L.w_down));
   }
@@ -167,8 +183,8 @@ void PassCounters::begin_pass(const std::vector<StepSequence>& batch, const KVCa
     dense_attention_terms_add(attn_shape_, start, s.n_tokens, &attn);
   }
   r.mode = static_cast<int32_t>(n_decode == r.n_sequences ? PassMode::kDecode
-                                : n_decode == 0          ? PassMode::kPrefill
-                                                         : PassMode::kMixed);
+                                : n_decode == 0           ? PassMode::kPrefill
+                                                          : PassMode::kMixed);
   const double T = static_cast<double>(r.n_tokens), n_out = static_cast<double>(r.n_output_rows);
   for (int i = 0; i < kNumWeightTerms; ++i) r.weight_bytes[i] = fixed_weight_bytes_[i];
   for (int i = 0; i < kNumDTypeSlots; ++i) r.weight_bytes_by_dtype[i] = fixed_bytes_by_dtype_[i];
@@ -194,7 +210,8 @@ void PassCounters::replace_attention(const AttentionTerms& t) {
 void PassCounters::add_moe_layer(const MoeLayerTerms& t) {
   for (int i = 0; i < kNumFlopTerms; ++i) cur_.flops[i] += t.flops[i];
   for (int i = 0; i < kNumWeightTerms; ++i) cur_.weight_bytes[i] += t.weight_bytes[i];
-  for (int i = 0; i < kNumDTypeSlots; ++i) cur_.weight_bytes_by_dtype[i] += t.weight_bytes_by_dtype[i];
+  for (int i = 0; i < kNumDTypeSlots; ++i)
+    cur_.weight_bytes_by_dtype[i] += t.weight_bytes_by_dtype[i];
   cur_.moe_layers += 1;
   cur_.experts_active_sum += t.experts_active;
 }

@@ -81,14 +81,14 @@ struct PassRecord {
   double weight_bytes[kNumWeightTerms] = {};
   double weight_bytes_by_dtype[kNumDTypeSlots] = {};
   // KV traffic at the cache's dtype, summed over layers and KV heads.
-  double kv_bytes_read = 0;     // what the kernel reads: per query token, K by whole pages
-  double kv_bytes_unique = 0;   // each sequence's attended K/V once per layer (ideal reuse)
-  double kv_bytes_written = 0;  // the new tokens' K/V
-  int32_t moe_layers = 0;           // layers that added MoE terms
-  double experts_active_sum = 0;    // sum over those layers of distinct experts hit (E_act sum)
+  double kv_bytes_read = 0;       // what the kernel reads: per query token, K by whole pages
+  double kv_bytes_unique = 0;     // each sequence's attended K/V once per layer (ideal reuse)
+  double kv_bytes_written = 0;    // the new tokens' K/V
+  int32_t moe_layers = 0;         // layers that added MoE terms
+  double experts_active_sum = 0;  // sum over those layers of distinct experts hit (E_act sum)
   int64_t attention_blocks_selected = 0;  // block-sparse attention: blocks read (all layers)
-  double seconds = 0;  // wall time of the forward pass
-  double t_end = 0;    // seconds since the counters were configured, when the pass ended
+  double seconds = 0;                     // wall time of the forward pass
+  double t_end = 0;  // seconds since the counters were configured, when the pass ended
 };
 
 // Shapes the attention terms need.
@@ -108,7 +108,8 @@ struct AttentionTerms {
 // Adds the dense causal attention of one sequence's chunk: new positions [start, start + n).
 // Query at p attends keys [lo(p), p], lo(p) = max(0, p - window + 1); the kernel reads the K
 // pages touched whole and the V rows attended.
-void dense_attention_terms_add(const AttentionShape& s, int64_t start, int64_t n, AttentionTerms* out);
+void dense_attention_terms_add(const AttentionShape& s, int64_t start, int64_t n,
+                               AttentionTerms* out);
 
 // Block-sparse attention (ReSA hook). Per layer l: selected_blocks[l] = blocks of page_size keys
 // read, summed over query tokens and KV heads; summaries_scored[l] = block summaries scored, same
@@ -116,8 +117,8 @@ void dense_attention_terms_add(const AttentionShape& s, int64_t start, int64_t n
 // head. n_query_tokens / n_new_tokens: tokens of the pass (new K/V written for each).
 // kv_bytes_unique is taken as kv_bytes_read (exact for decode, one query per sequence).
 AttentionTerms block_sparse_attention_terms(const AttentionShape& s, int64_t n_query_tokens,
-                                            const int64_t* selected_blocks, const int64_t* summaries_scored,
-                                            int64_t summary_bytes);
+                                            const int64_t* selected_blocks,
+                                            const int64_t* summaries_scored, int64_t summary_bytes);
 
 // One MoE layer's shapes (MoE hook). Bytes are at the stored dtypes, split by dtype slot.
 struct MoeLayerShape {
@@ -126,7 +127,7 @@ struct MoeLayerShape {
   int64_t d_model = 0;
   int64_t expert_params = 0;  // one routed expert (3 * d_model * d_ff_expert for SwiGLU)
   double expert_bytes_by_dtype[kNumDTypeSlots] = {};  // one routed expert
-  int64_t router_params = 0;  // d_model * n_experts
+  int64_t router_params = 0;                          // d_model * n_experts
   double router_bytes_by_dtype[kNumDTypeSlots] = {};
   int64_t shared_params = 0;  // all shared experts (+ their gate), 0 if none
   double shared_bytes_by_dtype[kNumDTypeSlots] = {};

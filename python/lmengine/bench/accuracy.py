@@ -34,7 +34,7 @@ __all__ = [
 
 ARITH_DEFINITION = (
     "arith-units accuracy = share of generated arithmetic / unit-conversion questions whose greedy "
-    "chat reply's first integer equals the exact answer"
+    "chat reply's last integer equals the exact answer"
 )
 PPL_DEFINITION = (
     "perplexity = exp(mean NLL of each token given the preceding ones) over {windows} windows of "

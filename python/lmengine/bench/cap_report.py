@@ -120,6 +120,13 @@ def _markdown(results: dict, scores: pd.DataFrame, radar_batch: int, files: dict
         + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in hw.peak_flops.items())
         + f" ({hw.source})",
         "",
+        "GPUs (NVML): "
+        + (
+            ", ".join(f"{g['name']} (spec row {g['spec']})" for g in results["gpus"])
+            if results["gpus"]
+            else "none seen, GPU telemetry skipped"
+        ),
+        "",
         f"workload: batch sizes {w.batch_sizes}, {w.prompt_tokens} prompt tokens and "
         f"{w.output_tokens} output tokens per request (greedy, EOS ignored), all requests of a "
         "batch submitted together",

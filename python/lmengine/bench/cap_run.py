@@ -34,7 +34,7 @@ import pandas as pd
 
 from lmengine.bench import accuracy as acc
 from lmengine.bench import cap_metrics
-from lmengine.bench.hardware import GPU_SPECS, HardwareSpec, cpu_spec
+from lmengine.bench.hardware import GPU_SPECS, HardwareSpec, cpu_spec, gpu_spec_for_name
 from lmengine.bench.telemetry import EnergyMeter, gpu_devices
 from lmengine.errors import InvalidRequestError
 
@@ -446,7 +446,10 @@ def run_cap(
     hw = select_hardware(hardware, threads, price_usd, tdp_w, reprobe)
     cost = CostModel(hw.price_usd, hw.tdp_w, lifetime_years, usd_per_kwh)
     inputs = prepare_inputs(model_path, workload)
-    gpus = [{k: v for k, v in g.items() if k != "handle"} for g in gpu_devices()]
+    gpus = []
+    for g in gpu_devices():
+        row = gpu_spec_for_name(g["name"])
+        gpus.append({k: v for k, v in g.items() if k != "handle"} | {"spec": row and row.name})
     rows, passes, infos = [], [], {}
     total = len(systems) * (2 + len(workload.batch_sizes))
     with tqdm(
