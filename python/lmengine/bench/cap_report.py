@@ -76,23 +76,27 @@ def _plot_vs_batch(runs: pd.DataFrame, stem: Path) -> list[Path]:
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
     measured = runs[runs["kind"] == "lmengine"] if "kind" in runs else runs
-    for system, g in measured.groupby("system", sort=False):
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (system, g) in enumerate(measured.groupby("system", sort=False)):
         g = g.sort_values("batch_size")
-        a1.plot(g["batch_size"], g["decode_s_mbu_compat_mean"], "o-", label=f"{system} (MoE-CAP)")
+        c = colors[i % len(colors)]
+        b = g["batch_size"]
+        a1.plot(b, g["decode_s_mbu_compat_mean"], "o-", color=c, label=f"{system} (MoE-CAP)")
         a1.plot(
-            g["batch_size"],
-            g["decode_s_mbu_complete_total"],
-            "s--",
-            label=f"{system} (complete, Σ/Σt)",
+            b, g["decode_s_mbu_complete_total"], "s--", color=c, label=f"{system} (complete, Σ/Σt)"
         )
-        a2.plot(g["batch_size"], g["prefill_s_mfu_compat_mean"], "o-", label=f"{system} prefill")
-        a2.plot(g["batch_size"], g["decode_s_mfu_compat_mean"], "s--", label=f"{system} decode")
+        a2.plot(b, g["prefill_s_mfu_compat_mean"], "o-", color=c, label=f"{system} prefill")
+        a2.plot(b, g["decode_s_mfu_compat_mean"], "s--", color=c, label=f"{system} decode")
     a1.set(xlabel="batch size", ylabel="S-MBU (decode passes)", title="S-MBU vs batch size")
     a2.set(xlabel="batch size", ylabel="S-MFU (MoE-CAP definition)", title="S-MFU vs batch size")
+    sizes = sorted(set(runs["batch_size"]))
     for a in (a1, a2):
         a.set_xscale("log", base=2)
+        a.set_xticks(sizes, [str(x) for x in sizes])
+        a.set_ylim(bottom=0)
         a.grid(True, alpha=0.3)
-        a.legend(fontsize=7)
+        if measured.size:
+            a.legend(fontsize=7)
     fig.tight_layout()
     paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
     for p in paths:
