@@ -185,7 +185,7 @@ class LLM:
         Each record is a flat dict (``pandas.DataFrame(llm.counters())`` gives one row per pass):
         mode, sequences, tokens, context attended, FLOPs and weight bytes per term, weight bytes
         per dtype, KV bytes read/written, wall seconds. ``lmengine.bench.cap_metrics`` turns them
-        into S-MBU / S-MFU. The core keeps the last 8192 passes.
+        into S-MBU / S-MFU. The core keeps the last 4096 passes.
         """
         return self._engine.counters()["records"]
 
