@@ -187,6 +187,9 @@ def test_system_parsing_and_missing_peers(tmp_path):
     s = parse_system("lmengine:activation_bits=8,kv_dtype=f16")
     assert s.options == {"activation_bits": 8, "kv_dtype": "f16"}
     assert s.label == "lmengine:activation_bits=8,kv_dtype=f16"
+    assert parse_system("llamacpp:model=other.gguf").options == {"model": "other.gguf"}
+    with pytest.raises(InvalidRequestError, match="only a model= option"):
+        parse_system("llamacpp:n_threads=2")
     with pytest.raises(InvalidRequestError, match="unknown system"):
         parse_system("vllm")
     with pytest.raises(InvalidRequestError, match="not key=value"):
@@ -201,7 +204,7 @@ def test_bench_cap_end_to_end(smollm2_gguf_path, probe_home, cpu_hw, tmp_path, c
     out = tmp_path / "cap"
     rc = main(
         ["bench", "cap", "-m", str(smollm2_gguf_path), "-t", "2", "--systems", "lmengine",
-         "lmengine:activation_bits=8", "--batch-sizes", "1,2", "--prompt-tokens", "16",
+         f"lmengine:activation_bits=8,model={smollm2_gguf_path}", "--batch-sizes", "1,2", "--prompt-tokens", "16",
          "--output-tokens", "4", "--questions", "4", "--ppl-window", "48", "-o", str(out),
          "--no-progress"]
     )  # fmt: skip

@@ -101,7 +101,7 @@ def add_cap_parser(sub) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="systems: lmengine[:key=value,...] (any LLM keyword, e.g. activation_bits=8, "
-        "kv_dtype=f16), llamacpp (llama-cpp-python in ~/.cache/lmengine/peers/llamacpp-venv, "
+        "kv_dtype=f16; model=PATH for another quantization of the same model), llamacpp (llama-cpp-python in ~/.cache/lmengine/peers/llamacpp-venv, "
         "built by bench/bench_decode.py), hf (transformers). Default: lmengine, "
         "lmengine:activation_bits=8 and llamacpp when installed.",
     )

@@ -2,7 +2,8 @@
 
 A *system* is ``kind[:key=value,...]``: ``lmengine`` with any ``LLM(...)`` keyword
 (``lmengine:activation_bits=8``, ``lmengine:kv_dtype=f16``; new engine options such as an
-``attention=`` mode slot in unchanged), or a peer, ``llamacpp`` (llama-cpp-python, from the side
+``attention=`` mode slot in unchanged) and ``model=`` for another quantization of the same model
+(same tokenizer: the token ids are shared), or a peer (``model=`` only), ``llamacpp`` (llama-cpp-python, from the side
 venv that bench/bench_decode.py builds) or ``hf`` (transformers, the GGUF dequantized to fp32).
 Every system gets the same token ids: the question prompts (rendered with the model's chat
 template), the perplexity windows and the workload prompts (windows of the license text at
@@ -80,8 +81,8 @@ def parse_system(text: str) -> SystemConfig:
         if not eq or not key:
             raise InvalidRequestError(f"system option {item!r} in {text!r} is not key=value")
         options[key.strip()] = _coerce(value.strip())
-    if kind != "lmengine" and options:
-        raise InvalidRequestError(f"peer {kind!r} takes no options, got {options}")
+    if kind != "lmengine" and set(options) - {"model"}:
+        raise InvalidRequestError(f"peer {kind!r} takes only a model= option, got {options}")
     return SystemConfig(kind, options)
 
 
@@ -242,6 +243,16 @@ def _add_counter_metrics(row: dict, passes: pd.DataFrame, hw: HardwareSpec) -> N
     row["compute_dtype"] = passes["compute_dtype"].iloc[0] if len(passes) else None
 
 
+def _system_model(options: dict, default: Path) -> Path:
+    """A system's own checkpoint (``model=`` option: another quantization of the same model,
+    sharing its tokenizer), else the run's model. Pops the option."""
+    if "model" not in options:
+        return default
+    from lmengine.registry import resolve_model
+
+    return resolve_model(str(options.pop("model")))
+
+
 def run_lmengine(system, model_path, threads, workload, inputs, hw, cost, progress):
     from lmengine.llm import LLM
     from lmengine.sampling import SamplingParams
@@ -253,8 +264,10 @@ def run_lmengine(system, model_path, threads, workload, inputs, hw, cost, progre
         workload.ppl_window,
     )
     kv_tokens = int(need * 1.25) + 64
+    options = dict(system.options)
+    path = _system_model(options, model_path)
     t0 = time.perf_counter()
-    llm = LLM(model_path, n_threads=threads, kv_cache_tokens=kv_tokens, **system.options)
+    llm = LLM(path, n_threads=threads, kv_cache_tokens=kv_tokens, **options)
     info = {"load_s": time.perf_counter() - t0, "version": "lmengine", "threads": llm.n_threads}
     progress.set_postfix_str(f"{system.label}: accuracy")
     outs = llm.generate_batch_ids(
@@ -339,6 +352,7 @@ def peer_available(kind: str, llamacpp_python: str | None = None) -> bool:
 
 
 def run_peer(system, model_path, threads, workload, inputs, hw, cost, progress, python, out_dir):
+    model_path = _system_model(dict(system.options), model_path)
     if Path(model_path).suffix != ".gguf":
         raise InvalidRequestError(f"peer {system.kind} needs a .gguf model, got {model_path}")
     here = Path(__file__).resolve().parent
