@@ -17,6 +17,8 @@ namespace py = pybind11;
 using lme_py::raise_error;
 using lme_py::raise_if_error;
 
+py::list pass_records_list(const lme::PassCounters& c);  // bind_counters.cpp
+
 namespace {
 
 template <typename T>
@@ -245,6 +247,17 @@ class PyEngine {
     std::lock_guard<std::mutex> lock(mutex_);
     engine_->reset_op_seconds();
   }
+  py::dict counters() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    py::dict d;
+    d["records"] = pass_records_list(engine_->counters());
+    d["dropped"] = engine_->counters().dropped();
+    return d;
+  }
+  void reset_counters() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    engine_->counters().clear();
+  }
 
   int64_t free_pages() {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -286,6 +299,10 @@ void bind_engine(py::module_& m) {
       .def("op_seconds", &PyEngine::op_seconds,
            "Wall seconds per op kind accumulated since the last reset, with steps and tokens.")
       .def("reset_op_seconds", &PyEngine::reset_op_seconds)
+      .def("counters", &PyEngine::counters,
+           "Per-pass work records since the last reset (oldest first; 'dropped' counts passes the "
+           "ring buffer no longer holds).")
+      .def("reset_counters", &PyEngine::reset_counters)
       .def_property_readonly("free_pages", &PyEngine::free_pages)
       .def_property_readonly("total_pages", &PyEngine::total_pages)
       .def_property_readonly("page_size", &PyEngine::page_size)

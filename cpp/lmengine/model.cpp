@@ -136,6 +136,7 @@ Engine::Engine(ModelConfig config, ModelWeights weights, const KVCacheConfig& kv
       pool_(n_threads),
       scratch_(new Scratch) {
   if (config_.attn_scale <= 0.f) config_.attn_scale = 1.0f / std::sqrt(static_cast<float>(config_.head_dim));
+  counters_.configure(config_, weights_, kv_config);
 }
 
 Engine::~Engine() = default;
@@ -284,12 +285,14 @@ Status Engine::step(const std::vector<StepSequence>& batch, float* logits) {
   }
   // forward() runs 2 + 11 per layer ops; the bound leaves room to add more.
   const int64_t max_ops = 16 * int64_t(c.n_layers) + 16;
+  counters_.begin_pass(batch, kv_);
   pool_.run(
       [&](int tid, int nth) {
         ParallelContext pc(pool_, tid, nth, op_seconds_);
         forward(pc, batch, logits);
       },
       max_ops);
+  counters_.end_pass();
   ++steps_run_;
   tokens_run_ += n_tokens;
   for (const auto& s : batch) kv_.seq_set_length(s.seq, kv_.seq_length(s.seq) + s.n_tokens);

@@ -10,6 +10,7 @@
 #include <memory>
 #include <vector>
 
+#include "lmengine/counters.h"
 #include "lmengine/kv_cache.h"
 #include "lmengine/quant.h"
 #include "lmengine/status.h"
@@ -124,6 +125,8 @@ class Engine {
   int64_t steps_run() const { return steps_run_; }
   int64_t tokens_run() const { return tokens_run_; }
   void reset_op_seconds();
+  // Per-pass work records (FLOPs, bytes, wall time) for S-MBU / S-MFU; see counters.h.
+  PassCounters& counters() { return counters_; }
 
  private:
   struct Scratch;
@@ -138,6 +141,7 @@ class Engine {
   double op_seconds_[kNumOpKinds] = {};
   int64_t steps_run_ = 0;
   int64_t tokens_run_ = 0;
+  PassCounters counters_;
 };
 
 }  // namespace lme

@@ -117,3 +117,6 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--reps", type=int, default=3)
     p.set_defaults(func=run_quick_bench)
+    from lmengine.bench.cap_cli import add_cap_parser
+
+    add_cap_parser(p.add_subparsers(dest="bench_command", metavar="{cap}"))

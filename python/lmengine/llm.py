@@ -179,6 +179,19 @@ class LLM:
             "active_sequences": self._engine.active_sequences,
         }
 
+    def counters(self) -> list[dict[str, Any]]:
+        """Per-forward-pass work records since the last ``reset_counters()``, oldest first.
+
+        Each record is a flat dict (``pandas.DataFrame(llm.counters())`` gives one row per pass):
+        mode, sequences, tokens, context attended, FLOPs and weight bytes per term, weight bytes
+        per dtype, KV bytes read/written, wall seconds. ``lmengine.bench.cap_metrics`` turns them
+        into S-MBU / S-MFU. The core keeps the last 4096 passes.
+        """
+        return self._engine.counters()["records"]
+
+    def reset_counters(self) -> None:
+        self._engine.reset_counters()
+
     def generate(
         self,
         prompts: str | Sequence[str],

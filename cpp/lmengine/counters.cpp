@@ -1,0 +1,234 @@
+#include "lmengine/counters.h"
+
+#include <algorithm>
+
+#include "lmengine/model.h"
+
+namespace lme {
+
+const char* pass_mode_name(int32_t mode) {
+  switch (mode) {
+    case 0:
+      return "prefill";
+    case 1:
+      return "decode";
+    case 2:
+      return "mixed";
+    default:
+      return "unknown";
+  }
+}
+
+const char* flop_term_name(int term) {
+  static const char* const names[kNumFlopTerms] = {"attn_proj", "attn_scores",   "dense_ffn",
+                                                   "lm_head",   "norm",          "router",
+                                                   "experts",   "shared_experts"};
+  return term >= 0 && term < kNumFlopTerms ? names[term] : "unknown";
+}
+
+const char* weight_term_name(int term) {
+  static const char* const names[kNumWeightTerms] = {
+      "attn", "dense_ffn", "embed", "lm_head", "norm", "router", "experts", "shared_experts"};
+  return term >= 0 && term < kNumWeightTerms ? names[term] : "unknown";
+}
+
+namespace {
+constexpr DType kSlotTypes[kNumDTypeSlots] = {DType::F32,  DType::F16,  DType::BF16,
+                                              DType::Q8_0, DType::Q4_0, DType::Q4_1,
+                                              DType::Q5_0, DType::Q4_K, DType::Q6_K};
+
+double tensor_bytes(const WeightTensor& t) {
+  return t.data == nullptr ? 0.0 : static_cast<double>(t.rows * dtype_row_bytes(t.type, t.cols));
+}
+double tensor_params(const WeightTensor& t) {
+  return t.data == nullptr ? 0.0 : static_cast<double>(t.rows * t.cols);
+}
+}  // namespace
+
+int dtype_slot(DType t) {
+  for (int i = 0; i < kNumDTypeSlots; ++i) {
+    if (kSlotTypes[i] == t) return i;
+  }
+  return 0;
+}
+
+DType dtype_of_slot(int slot) { return kSlotTypes[slot >= 0 && slot < kNumDTypeSlots ? slot : 0]; }
+
+void dense_attention_terms_add(const AttentionShape& s, int64_t start, int64_t n,
+                               AttentionTerms* out) {
+  if (n <= 0) return;
+  const int64_t ps = s.page_size > 0 ? s.page_size : 1;
+  auto lo_of = [&](int64_t p) {
+    return s.sliding_window > 0 ? std::max<int64_t>(0, p - s.sliding_window + 1) : 0;
+  };
+  int64_t keys = 0, k_slots = 0;  // attended keys; K slots read (whole pages)
+  for (int64_t p = start; p < start + n; ++p) {
+    const int64_t lo = lo_of(p);
+    keys += p - lo + 1;
+    k_slots += (p / ps - lo / ps + 1) * ps;
+  }
+  const int64_t unique = start + n - lo_of(start);
+  // Bytes of one key (or value) vector across every layer and KV head.
+  const double row = static_cast<double>(s.n_layers * s.n_kv_heads * s.head_dim * s.kv_elem_bytes);
+  out->context_attended += keys;
+  out->context_unique += unique;
+  out->kv_bytes_read += row * static_cast<double>(k_slots + keys);
+  out->kv_bytes_unique += 2.0 * row * static_cast<double>(unique);
+  out->kv_bytes_written += 2.0 * row * static_cast<double>(n);
+  out->flops +=
+      4.0 * static_cast<double>(s.n_layers * s.n_heads * s.head_dim) * static_cast<double>(keys);
+}
+
+AttentionTerms block_sparse_attention_terms(const AttentionShape& s, int64_t n_query_tokens,
+                                            const int64_t* selected_blocks,
+                                            const int64_t* summaries_scored,
+                                            int64_t summary_bytes) {
+  AttentionTerms t;
+  const double hd = static_cast<double>(s.head_dim), ps = static_cast<double>(s.page_size);
+  const double group = s.n_kv_heads > 0 ? static_cast<double>(s.n_heads / s.n_kv_heads) : 0.0;
+  const double block_kv_bytes = 2.0 * ps * hd * static_cast<double>(s.kv_elem_bytes);
+  int64_t blocks = 0;
+  for (int64_t l = 0; l < s.n_layers; ++l) {
+    const double b = static_cast<double>(selected_blocks[l]);
+    const double sm = summaries_scored == nullptr ? 0.0 : static_cast<double>(summaries_scored[l]);
+    blocks += selected_blocks[l];
+    t.kv_bytes_read += b * block_kv_bytes + sm * static_cast<double>(summary_bytes);
+    t.flops += b * ps * 4.0 * hd * group + sm * 2.0 * hd * group;
+  }
+  t.blocks_selected = blocks;
+  const int64_t heads_layers = s.n_layers * s.n_kv_heads;
+  t.context_attended = heads_layers > 0 ? blocks * s.page_size / heads_layers : 0;
+  t.context_unique = t.context_attended;
+  t.kv_bytes_unique = t.kv_bytes_read;
+  t.kv_bytes_written = 2.0 * static_cast<double>(n_query_tokens * s.n_layers * s.n_kv_heads *
+                                                 s.head_dim * s.kv_elem_bytes);
+  return t;
+}
+
+MoeLayerTerms moe_layer_terms(const MoeLayerShape& s, const int32_t* expert_hits,
+                              int64_t n_tokens) {
+  MoeLayerTerms t;
+  int64_t hits = 0;
+  for (int32_t e = 0; e < s.n_experts; ++e) {
+    hits += expert_hits[e];
+    if (expert_hits[e] > 0) ++t.experts_active;
+  }
+  const double T = static_cast<double>(n_tokens);
+  t.flops[kFlopRouter] = 2.0 * T * static_cast<double>(s.router_params);
+  t.flops[kFlopExperts] = 2.0 * static_cast<double>(hits) * static_cast<double>(s.expert_params);
+  t.flops[kFlopSharedExperts] = 2.0 * T * static_cast<double>(s.shared_params);
+  for (int i = 0; i < kNumDTypeSlots; ++i) {
+    const double experts = t.experts_active * s.expert_bytes_by_dtype[i];
+    t.weight_bytes[kWeightExperts] += experts;
+    t.weight_bytes[kWeightRouter] += s.router_bytes_by_dtype[i];
+    t.weight_bytes[kWeightSharedExperts] += s.shared_bytes_by_dtype[i];
+    t.weight_bytes_by_dtype[i] = experts + s.router_bytes_by_dtype[i] + s.shared_bytes_by_dtype[i];
+  }
+  return t;
+}
+
+void PassCounters::configure(const ModelConfig& c, const ModelWeights& w, const KVCacheConfig& kv,
+                             int64_t capacity) {
+  attn_shape_.n_layers = c.n_layers;
+  attn_shape_.n_heads = c.n_heads;
+  attn_shape_.n_kv_heads = c.n_kv_heads;
+  attn_shape_.head_dim = c.head_dim;
+  attn_shape_.page_size = kv.page_size;
+  attn_shape_.kv_elem_bytes = kv_dtype_bytes(kv.dtype);
+  attn_shape_.sliding_window = c.sliding_window;
+
+  auto add_bytes = [&](const WeightTensor& t, int term) {
+    const double b = tensor_bytes(t);
+    fixed_weight_bytes_[term] += b;
+    fixed_bytes_by_dtype_[dtype_slot(t.type)] += b;
+  };
+  for (const LayerWeights& L : w.layers) {
+    for (const WeightTensor* t : {&L.wq, &L.wk, &L.wv, &L.wo, &L.bq, &L.bk, &L.bv})
+      add_bytes(*t, kWeightAttn);
+    for (const WeightTensor* t : {&L.w_gate, &L.w_up, &L.w_down}) add_bytes(*t, kWeightDenseFFN);
+    for (const WeightTensor* t : {&L.attn_norm, &L.ffn_norm}) add_bytes(*t, kWeightNorm);
+    flops_per_token_[kFlopAttnProj] += 2.0 * (tensor_params(L.wq) + tensor_params(L.wk) +
+                                              tensor_params(L.wv) + tensor_params(L.wo)) +
+                                       tensor_params(L.bq) + tensor_params(L.bk) +
+                                       tensor_params(L.bv);
+    flops_per_token_[kFlopDenseFFN] +=
+        2.0 * (tensor_params(L.w_gate) + tensor_params(L.w_up) + tensor_params(L.w_down));
+  }
+  add_bytes(w.out_norm, kWeightNorm);
+  add_bytes(w.lm_head, kWeightLMHead);
+  norm_flops_per_row_ = 4.0 * 2.0 * static_cast<double>(c.n_layers) * c.d_model;
+  final_norm_flops_per_row_ = 4.0 * c.d_model;
+  lm_head_flops_per_row_ = 2.0 * tensor_params(w.lm_head);
+  embed_row_bytes_ = static_cast<double>(dtype_row_bytes(w.tok_embd.type, w.tok_embd.cols));
+  embed_slot_ = dtype_slot(w.tok_embd.type);
+
+  ring_.assign(static_cast<size_t>(std::max<int64_t>(capacity, 1)), PassRecord());
+  count_ = 0;
+  passes_ = 0;
+  epoch_ = Clock::now();
+}
+
+void PassCounters::begin_pass(const std::vector<StepSequence>& batch, const KVCache& kv) {
+  PassRecord& r = cur_;
+  r = PassRecord();
+  r.index = passes_;
+  r.n_sequences = static_cast<int32_t>(batch.size());
+  AttentionTerms attn;
+  int n_decode = 0;
+  for (const StepSequence& s : batch) {
+    const int64_t start = kv.seq_length(s.seq);
+    r.n_tokens += s.n_tokens;
+    r.n_output_rows += s.all_logits ? s.n_tokens : 1;
+    if (s.n_tokens == 1 && start > 0) ++n_decode;
+    dense_attention_terms_add(attn_shape_, start, s.n_tokens, &attn);
+  }
+  r.mode = static_cast<int32_t>(n_decode == r.n_sequences ? PassMode::kDecode
+                                : n_decode == 0           ? PassMode::kPrefill
+                                                          : PassMode::kMixed);
+  const double T = static_cast<double>(r.n_tokens), n_out = static_cast<double>(r.n_output_rows);
+  for (int i = 0; i < kNumWeightTerms; ++i) r.weight_bytes[i] = fixed_weight_bytes_[i];
+  for (int i = 0; i < kNumDTypeSlots; ++i) r.weight_bytes_by_dtype[i] = fixed_bytes_by_dtype_[i];
+  r.weight_bytes[kWeightEmbed] = T * embed_row_bytes_;
+  r.weight_bytes_by_dtype[embed_slot_] += T * embed_row_bytes_;
+  for (int i = 0; i < kNumFlopTerms; ++i) r.flops[i] = T * flops_per_token_[i];
+  r.flops[kFlopLMHead] = n_out * lm_head_flops_per_row_;
+  r.flops[kFlopNorm] = T * norm_flops_per_row_ + n_out * final_norm_flops_per_row_;
+  replace_attention(attn);
+  t_begin_ = Clock::now();
+}
+
+void PassCounters::replace_attention(const AttentionTerms& t) {
+  cur_.context_attended = t.context_attended;
+  cur_.context_unique = t.context_unique;
+  cur_.kv_bytes_read = t.kv_bytes_read;
+  cur_.kv_bytes_unique = t.kv_bytes_unique;
+  cur_.kv_bytes_written = t.kv_bytes_written;
+  cur_.flops[kFlopAttnScores] = t.flops;
+  cur_.attention_blocks_selected = t.blocks_selected;
+}
+
+void PassCounters::add_moe_layer(const MoeLayerTerms& t) {
+  for (int i = 0; i < kNumFlopTerms; ++i) cur_.flops[i] += t.flops[i];
+  for (int i = 0; i < kNumWeightTerms; ++i) cur_.weight_bytes[i] += t.weight_bytes[i];
+  for (int i = 0; i < kNumDTypeSlots; ++i)
+    cur_.weight_bytes_by_dtype[i] += t.weight_bytes_by_dtype[i];
+  cur_.moe_layers += 1;
+  cur_.experts_active_sum += t.experts_active;
+}
+
+void PassCounters::end_pass() {
+  if (ring_.empty()) return;  // not configured
+  const Clock::time_point now = Clock::now();
+  cur_.seconds = std::chrono::duration<double>(now - t_begin_).count();
+  cur_.t_end = std::chrono::duration<double>(now - epoch_).count();
+  ring_[static_cast<size_t>(count_ % capacity())] = cur_;
+  ++count_;
+  ++passes_;
+}
+
+const PassRecord& PassCounters::at(int64_t i) const {
+  const int64_t first = count_ - size();  // oldest record held
+  return ring_[static_cast<size_t>((first + i) % capacity())];
+}
+
+}  // namespace lme
