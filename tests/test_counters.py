@@ -25,7 +25,7 @@ def q8_0_rows(rows: int, cols: int, rng) -> np.ndarray:
     return blocks.reshape(rows, -1)
 
 
-def tiny_engine(sliding_window: int = 0, kv_dtype: str = "f32"):
+def tiny_engine(sliding_window: int = 0, kv_dtype: str = "f32", layer_windows=None):
     rng = np.random.default_rng(0)
 
     def f32(rows, cols):
@@ -54,7 +54,7 @@ def tiny_engine(sliding_window: int = 0, kv_dtype: str = "f32"):
         "n_layers": L, "d_model": D, "n_heads": H, "n_kv_heads": KVH, "head_dim": HD, "d_ff": FF,
         "vocab_size": V, "max_context": 256, "rms_eps": 1e-5, "rope_interleaved": False,
         "rope_inv_freq": [10000 ** (-2 * i / HD) for i in range(HD // 2)],
-        "sliding_window": sliding_window,
+        "sliding_window": sliding_window, "layer_sliding_window": layer_windows or [],
     }  # fmt: skip
     return _core.Engine(config, tensors, kv_pages=8, page_size=16, kv_dtype=kv_dtype, n_threads=2)
 
@@ -124,6 +124,22 @@ def test_dense_counts_match_hand_values(window):
     assert recs[1]["t_end"] >= recs[0]["t_end"]
     engine.reset_counters()
     assert engine.counters()["records"] == []
+
+
+def test_per_layer_windows_count_each_layer_with_its_own_window():
+    # Gemma-style: layer 0 windowed (8), layer 1 global; the pass-1 figures above, per layer.
+    engine = tiny_engine(layer_windows=[8, 0])
+    a, b = engine.seq_create(), engine.seq_create()
+    ids = np.arange(1, 21, dtype=np.int32)
+    engine.step([a, b], [ids, ids[:5]], [False, False])
+    r = engine.counters()["records"][0]
+    (keys_w, unique, slots), (keys_full, _, _) = EXPECTED_ATTENTION[8][0], EXPECTED_ATTENTION[0][0]
+    per_layer_row = KV_ROW // L
+    assert r["kv_bytes_read"] == per_layer_row * (slots + keys_w + slots + keys_full)
+    assert r["flops_attn_scores"] == 4 * H * HD * (keys_w + keys_full)
+    assert r["context_attended"] == (keys_w + keys_full) // L
+    assert r["kv_bytes_unique"] == 2 * KV_ROW * unique
+    assert r["kv_bytes_written"] == 2 * KV_ROW * 25
 
 
 def test_kv_bytes_follow_the_cache_dtype():

@@ -57,6 +57,33 @@ DType dtype_of_slot(int slot) { return kSlotTypes[slot >= 0 && slot < kNumDTypeS
 void dense_attention_terms_add(const AttentionShape& s, int64_t start, int64_t n,
                                AttentionTerms* out) {
   if (n <= 0) return;
+  if (!s.layer_windows.empty()) {
+    // Per group of layers sharing a window, the single-window terms of that many layers; the
+    // bytes written and keys unique to the pass are per layer too, so the sums stay exact.
+    AttentionShape g = s;
+    g.layer_windows.clear();
+    AttentionTerms sum;
+    for (const auto& [window, layers] : s.layer_windows) {
+      g.sliding_window = window;
+      g.n_layers = layers;
+      AttentionTerms part;
+      dense_attention_terms_add(g, start, n, &part);
+      sum.context_attended += part.context_attended * layers;
+      sum.context_unique = std::max(sum.context_unique, part.context_unique);
+      sum.kv_bytes_read += part.kv_bytes_read;
+      sum.kv_bytes_unique += part.kv_bytes_unique;
+      sum.kv_bytes_written += part.kv_bytes_written;
+      sum.flops += part.flops;
+    }
+    // context_attended is per query token and layer-averaged, as for a single window.
+    out->context_attended += s.n_layers > 0 ? sum.context_attended / s.n_layers : 0;
+    out->context_unique += sum.context_unique;
+    out->kv_bytes_read += sum.kv_bytes_read;
+    out->kv_bytes_unique += sum.kv_bytes_unique;
+    out->kv_bytes_written += sum.kv_bytes_written;
+    out->flops += sum.flops;
+    return;
+  }
   const int64_t ps = s.page_size > 0 ? s.page_size : 1;
   auto lo_of = [&](int64_t p) {
     return s.sliding_window > 0 ? std::max<int64_t>(0, p - s.sliding_window + 1) : 0;
@@ -136,6 +163,17 @@ void PassCounters::configure(const ModelConfig& c, const ModelWeights& w, const 
   attn_shape_.page_size = kv.page_size;
   attn_shape_.kv_elem_bytes = kv_dtype_bytes(kv.dtype);
   attn_shape_.sliding_window = c.sliding_window;
+  attn_shape_.layer_windows.clear();
+  for (int32_t l = 0; l < static_cast<int32_t>(c.layer_sliding_window.size()); ++l) {
+    const int64_t win = c.layer_sliding_window[l];
+    auto it = std::find_if(attn_shape_.layer_windows.begin(), attn_shape_.layer_windows.end(),
+                           [&](const auto& g) { return g.first == win; });
+    if (it == attn_shape_.layer_windows.end()) {
+      attn_shape_.layer_windows.emplace_back(win, 1);
+    } else {
+      ++it->second;
+    }
+  }
 
   auto add_bytes = [&](const WeightTensor& t, int term) {
     const double b = tensor_bytes(t);
@@ -146,7 +184,9 @@ void PassCounters::configure(const ModelConfig& c, const ModelWeights& w, const 
     for (const WeightTensor* t : {&L.wq, &L.wk, &L.wv, &L.wo, &L.bq, &L.bk, &L.bv})
       add_bytes(*t, kWeightAttn);
     for (const WeightTensor* t : {&L.w_gate, &L.w_up, &L.w_down}) add_bytes(*t, kWeightDenseFFN);
-    for (const WeightTensor* t : {&L.attn_norm, &L.ffn_norm}) add_bytes(*t, kWeightNorm);
+    for (const WeightTensor* t :
+         {&L.attn_norm, &L.ffn_norm, &L.q_norm, &L.k_norm, &L.post_attn_norm, &L.post_ffn_norm})
+      add_bytes(*t, kWeightNorm);
     flops_per_token_[kFlopAttnProj] += 2.0 * (tensor_params(L.wq) + tensor_params(L.wk) +
                                               tensor_params(L.wv) + tensor_params(L.wo)) +
                                        tensor_params(L.bq) + tensor_params(L.bk) +
@@ -156,7 +196,11 @@ void PassCounters::configure(const ModelConfig& c, const ModelWeights& w, const 
   }
   add_bytes(w.out_norm, kWeightNorm);
   add_bytes(w.lm_head, kWeightLMHead);
-  norm_flops_per_row_ = 4.0 * 2.0 * static_cast<double>(c.n_layers) * c.d_model;
+  // ~4 FLOPs per element of each normalised row: 2 (or 4 with post-norms) rows of d_model per
+  // layer, plus every q and k head with q/k norms.
+  const double rows_per_layer = c.post_norms ? 4.0 : 2.0;
+  const double qk = c.qk_norm ? static_cast<double>(c.n_heads + c.n_kv_heads) * c.head_dim : 0.0;
+  norm_flops_per_row_ = 4.0 * static_cast<double>(c.n_layers) * (rows_per_layer * c.d_model + qk);
   final_norm_flops_per_row_ = 4.0 * c.d_model;
   lm_head_flops_per_row_ = 2.0 * tensor_params(w.lm_head);
   embed_row_bytes_ = static_cast<double>(dtype_row_bytes(w.tok_embd.type, w.tok_embd.cols));

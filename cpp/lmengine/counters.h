@@ -21,6 +21,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "lmengine/kv_cache.h"
@@ -96,6 +97,9 @@ struct AttentionShape {
   int64_t n_layers = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0, page_size = 16;
   int64_t kv_elem_bytes = 4;
   int64_t sliding_window = 0;  // 0: the whole context
+  // Layers grouped by window when they differ (Gemma 3: local and global layers): pairs of
+  // (window, number of layers). Empty: every layer uses sliding_window.
+  std::vector<std::pair<int64_t, int64_t>> layer_windows;
 };
 
 struct AttentionTerms {
