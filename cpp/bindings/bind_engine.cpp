@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "bind_moe.h"
 #include "errors.h"
 #include "lmengine/model.h"
 
@@ -55,6 +56,7 @@ class PyEngine {
     c.qkv_bias = cfg_get_or<bool>(cfg, "qkv_bias", false);
     c.activation_bits = cfg_get_or<int32_t>(cfg, "activation_bits", 16);
     c.two_level_mask = cfg_get_or<int32_t>(cfg, "two_level_mask", 31);
+    lme_py::moe_config_from_dict(cfg, c);
     if (c.activation_bits != 8 && c.activation_bits != 16) {
       raise_error("InvalidRequestError", "activation_bits must be 8 or 16");
     }
@@ -117,9 +119,11 @@ class PyEngine {
       L.bk = get(p + "attn_k.bias", c.qkv_bias);
       L.bv = get(p + "attn_v.bias", c.qkv_bias);
       L.ffn_norm = get(p + "ffn_norm", true);
-      L.w_gate = get(p + "ffn_gate", true);
-      L.w_up = get(p + "ffn_up", true);
-      L.w_down = get(p + "ffn_down", true);
+      const bool dense = c.moe.n_experts == 0 || c.moe_layers[l] == 0;
+      L.w_gate = get(p + "ffn_gate", dense);
+      L.w_up = get(p + "ffn_up", dense);
+      L.w_down = get(p + "ffn_down", dense);
+      lme_py::moe_layer_weights(get, c, l, L);
     }
     for (auto item : tensors) {
       const std::string name = py::str(item.first);
@@ -225,6 +229,32 @@ class PyEngine {
     engine_->reset_op_seconds();
   }
 
+  // [n_layers, n_experts] tokens per expert: the last step (last=True) or since the reset.
+  py::array_t<int64_t> expert_counts(bool last) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const lme::MoEStats& st = engine_->moe_stats();
+    py::array_t<int64_t> out({int64_t(st.n_layers), int64_t(st.n_experts)});
+    const auto& src = last ? st.last : st.total;
+    std::copy(src.begin(), src.end(), out.mutable_data());
+    return out;
+  }
+  // Distinct experts hit per layer in the last step (the S-MBU counter's E_act).
+  py::array_t<int32_t> experts_active() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const lme::MoEStats& st = engine_->moe_stats();
+    py::array_t<int32_t> out(int64_t(st.n_layers));
+    st.distinct_last(out.mutable_data());
+    return out;
+  }
+  void reset_expert_counts() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    engine_->reset_moe_stats();
+  }
+  int64_t expert_passes() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return engine_->moe_stats().passes;
+  }
+
   int64_t free_pages() {
     std::lock_guard<std::mutex> lock(mutex_);
     return engine_->kv().free_pages();
@@ -265,6 +295,14 @@ void bind_engine(py::module_& m) {
       .def("op_seconds", &PyEngine::op_seconds,
            "Wall seconds per op kind accumulated since the last reset, with steps and tokens.")
       .def("reset_op_seconds", &PyEngine::reset_op_seconds)
+      .def("expert_counts", &PyEngine::expert_counts, py::arg("last") = false,
+           "int64 [n_layers, n_experts]: tokens routed to each expert, in the last step (last=True)"
+           " or accumulated since reset_expert_counts(); dense models have n_experts = 0.")
+      .def("experts_active", &PyEngine::experts_active,
+           "int32 [n_layers]: distinct experts that got at least one token in the last step.")
+      .def("reset_expert_counts", &PyEngine::reset_expert_counts)
+      .def_property_readonly("expert_passes", &PyEngine::expert_passes,
+                             "Steps accumulated in expert_counts() since the reset.")
       .def_property_readonly("free_pages", &PyEngine::free_pages)
       .def_property_readonly("total_pages", &PyEngine::total_pages)
       .def_property_readonly("page_size", &PyEngine::page_size)

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "lmengine/kv_cache.h"
+#include "lmengine/moe_dispatch.h"
 #include "lmengine/quant.h"
 #include "lmengine/status.h"
 #include "lmengine/thread_pool.h"
@@ -36,6 +37,14 @@ struct ModelConfig {
   // to fp32 results; 8: one 8-bit row, as llama.cpp does (faster prefill, ~1% logit error).
   int32_t activation_bits = 16;
   int32_t two_level_mask = 31;  // which products get two-level rows when activation_bits == 16
+  // RMSNorm of q and k before RoPE: 0 none, 1 per head over head_dim (Qwen3), 2 over the whole
+  // projection (OLMoE).
+  int32_t qk_norm = 0;
+  // Mixture-of-Experts FFN (moe.n_experts > 0): moe_layers[l] != 0 marks the layers whose FFN is
+  // routed; the others are dense with width d_ff (DeepSeek's first k layers, Qwen2-MoE's
+  // mlp_only_layers).
+  MoEConfig moe;
+  std::vector<uint8_t> moe_layers;
 };
 
 // Product classes for ModelConfig::two_level_mask.
@@ -47,19 +56,11 @@ enum : int32_t {
   kTwoLevelHead = 16,
 };
 
-// A 2-D weight stored row-major: `rows` rows of `cols` elements in dtype `type`. 1-D vectors
-// (norm weights, biases) are always F32 with rows == 1.
-struct WeightTensor {
-  DType type = DType::F32;
-  const uint8_t* data = nullptr;
-  int64_t rows = 0;
-  int64_t cols = 0;
-  const float* f32() const { return reinterpret_cast<const float*>(data); }
-};
-
 struct LayerWeights {
   WeightTensor attn_norm, wq, wk, wv, wo, bq, bk, bv;
-  WeightTensor ffn_norm, w_gate, w_up, w_down;
+  WeightTensor ffn_norm, w_gate, w_up, w_down;  // dense FFN (absent in MoE layers)
+  WeightTensor q_norm, k_norm;                   // ModelConfig::qk_norm != 0
+  MoELayerWeights moe;                           // MoE layers
 };
 
 struct ModelWeights {
@@ -111,6 +112,9 @@ class Engine {
   int64_t steps_run() const { return steps_run_; }
   int64_t tokens_run() const { return tokens_run_; }
   void reset_op_seconds();
+  // Tokens routed to each expert per layer: in the last step and accumulated since reset.
+  const MoEStats& moe_stats() const { return moe_stats_; }
+  void reset_moe_stats() { moe_stats_.reset(); }
 
  private:
   struct Scratch;
@@ -125,6 +129,7 @@ class Engine {
   double op_seconds_[kNumOpKinds] = {};
   int64_t steps_run_ = 0;
   int64_t tokens_run_ = 0;
+  MoEStats moe_stats_;
 };
 
 }  // namespace lme
