@@ -80,15 +80,31 @@ def route_reference(logits, top_k, scoring, norm, n_group, topk_group, rsf, bias
     return sel, w * rsf
 
 
-def moe_reference(x, router, gates, ups, downs, top_k, scoring="softmax", norm=False,
-                  n_group=1, topk_group=1, rsf=1.0, bias=None, shared=None, shared_gate_inp=None):
+def moe_reference(
+    x,
+    router,
+    gates,
+    ups,
+    downs,
+    top_k,
+    scoring="softmax",
+    norm=False,
+    n_group=1,
+    topk_group=1,
+    rsf=1.0,
+    bias=None,
+    shared=None,
+    shared_gate_inp=None,
+):
     """Per token, per chosen expert, in float64. Returns (out [T, d], counts [E])."""
     x = x.astype(np.float64)
     T, d = x.shape
     out = np.zeros((T, d))
     counts = np.zeros(len(gates), dtype=np.int64)
     for t in range(T):
-        sel, w = route_reference(router @ x[t], top_k, scoring, norm, n_group, topk_group, rsf, bias)
+        sel, w = route_reference(
+            router @ x[t], top_k, scoring, norm, n_group, topk_group, rsf, bias
+        )
         for e, we in zip(sel, w):
             counts[e] += 1
             out[t] += we * (downs[e] @ (silu(gates[e] @ x[t]) * (ups[e] @ x[t])))
@@ -168,7 +184,9 @@ def rel_err(out, ref):
     norm=st.booleans(),
     shared=st.sampled_from([None, "gated", "plain"]),
 )
-def test_softmax_dispatch_matches_reference(seed, T, E, k_frac, kind, d_blocks, ff_blocks, norm, shared):
+def test_softmax_dispatch_matches_reference(
+    seed, T, E, k_frac, kind, d_blocks, ff_blocks, norm, shared
+):
     rng = np.random.default_rng(seed)
     # Float weights take any width; block formats need multiples of 32. Odd widths for floats.
     d = 32 * d_blocks + (0 if kind in ("Q8_0", "Q4_0") else 5)

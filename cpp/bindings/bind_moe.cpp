@@ -129,12 +129,12 @@ py::tuple moe_forward(const py::array& x_in, const py::handle& router, const py:
     py::gil_scoped_release release;
     lme::ThreadPool pool(n_threads);
     lme::MoEDispatch dispatch;
-    dispatch.reserve(c, d, {&w}, T, n_threads);
+    dispatch.reserve(c, d, {&w}, T, n_threads, 1);
     const bool two = activation_bits == 16;
     pool.run(
         [&](int tid, int nth) {
           lme::ParallelContext pc(pool, tid, nth);
-          dispatch.forward(pc, c, w, xp, T, d, two, two, op, cp);
+          dispatch.forward(pc, c, w, xp, T, d, two, two, op, cp, 0);
         },
         lme::MoEDispatch::kOpsPerLayer + 1);
   }

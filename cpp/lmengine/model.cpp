@@ -195,7 +195,7 @@ void Engine::ensure_scratch(int64_t n_tokens, int64_t n_out, int64_t max_ctx) {
       for (int32_t l = 0; l < c.n_layers; ++l) {
         if (is_moe_layer(c, l)) moe_layers.push_back(&weights_.layers[l].moe);
       }
-      S.moe.reserve(c.moe, c.d_model, moe_layers, T, pool_.size());
+      S.moe.reserve(c.moe, c.d_model, moe_layers, T, pool_.size(), c.n_layers);
     }
   }
   if (n_out > S.cap_out) {
@@ -494,7 +494,7 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
       norm_and_prepare(L.ffn_norm, S.proj.data(), nullptr, 0, d);
       pc.set_kind(kOpMatmulFFN);
       S.moe.forward(pc, c.moe, L.moe, S.xn.data(), T, d, two_mask & kTwoLevelGateUp, two_mask & kTwoLevelDown,
-                    S.proj.data(), &moe_stats_.last[size_t(l) * c.moe.n_experts]);
+                    S.proj.data(), &moe_stats_.last[size_t(l) * c.moe.n_experts], l);
       continue;
     }
     // MLP block: x += Wdown · (silu(Wgate xn) * Wup xn)

@@ -238,7 +238,8 @@ void MoEStats::distinct_last(int32_t* out) const {
 }
 
 void MoEDispatch::reserve(const MoEConfig& c, int64_t d, const std::vector<const MoELayerWeights*>& layers,
-                          int64_t max_tokens, int n_threads) {
+                          int64_t max_tokens, int n_threads, int64_t n_slots) {
+  if (static_cast<int64_t>(op_sizes_.size()) < 3 * n_slots) op_sizes_.assign(3 * n_slots, 0);
   if (max_tokens <= cap_tokens_ && n_threads == n_threads_) return;
   cap_tokens_ = std::max<int64_t>({max_tokens, cap_tokens_, 1});
   n_threads_ = n_threads;
@@ -292,7 +293,8 @@ void MoEDispatch::reserve(const MoEConfig& c, int64_t d, const std::vector<const
 }
 
 void MoEDispatch::forward(ParallelContext& pc, const MoEConfig& c, const MoELayerWeights& w, const float* x,
-                          int64_t T, int64_t d, bool two_gu, bool two_down, float* out, int64_t* counts) {
+                          int64_t T, int64_t d, bool two_gu, bool two_down, float* out, int64_t* counts,
+                          int64_t slot) {
   const int64_t E = c.n_experts, k = c.top_k, ff = c.d_ff_expert, ffs = c.d_ff_shared;
   const int64_t xs = slot_bytes_;
   const int tid = pc.tid();
@@ -383,11 +385,14 @@ void MoEDispatch::forward(ParallelContext& pc, const MoEConfig& c, const MoELaye
     // The shared expert's down product rides along with the experts' gate/up op.
     gu_start[na + 1] = g + (shared ? (d + rows_per_chunk(T) - 1) / rows_per_chunk(T) : 0);
     down_start[na + 1] = dn;
-    active_count_ = na;
+    int64_t* sizes = &op_sizes_[3 * slot];
+    sizes[0] = na;
+    sizes[1] = gu_start[na + 1];
+    sizes[2] = dn;
   });
-  n_active = active_count_;
-  n_chunks_gu = gu_start[n_active + 1];
-  n_chunks_down = down_start[n_active];
+  n_active = op_sizes_[3 * slot];
+  n_chunks_gu = op_sizes_[3 * slot + 1];
+  n_chunks_down = op_sizes_[3 * slot + 2];
   const int64_t P = T * k;
 
   // 5. Gather each pair's activation rows (its token's, converted once in step 1).

@@ -76,18 +76,20 @@ struct MoEStats {
 class MoEDispatch {
  public:
   // Sizes the scratch for up to max_tokens tokens per call and n_threads threads, for the given
-  // layers (their weight types and widths). Call outside the parallel region.
+  // layers (their weight types and widths), and n_slots distinct `slot`s of forward(). Call
+  // outside the parallel region.
   void reserve(const MoEConfig& c, int64_t d_model, const std::vector<const MoELayerWeights*>& layers,
-               int64_t max_tokens, int n_threads);
+               int64_t max_tokens, int n_threads, int64_t n_slots);
 
   // Called by every thread of one ThreadPool::run. x: T rows of d floats (normalised input);
   // out: T rows of d floats, overwritten with the layer's output; counts (optional): n_experts
   // int64 written with the tokens each expert received. two_level_*: activation rows of
   // quantized products carry an 8-bit residual row too (ModelConfig::activation_bits == 16).
-  // Uses 9 for_chunks ops.
+  // Uses 9 for_chunks ops. slot (< n_slots): a value distinct for each call within one
+  // ThreadPool::run (the layer index), see op_sizes_.
   void forward(ParallelContext& pc, const MoEConfig& c, const MoELayerWeights& w, const float* x,
                int64_t T, int64_t d, bool two_level_gate_up, bool two_level_down, float* out,
-               int64_t* counts);
+               int64_t* counts, int64_t slot);
 
   static constexpr int kOpsPerLayer = 9;
 
@@ -111,7 +113,10 @@ class MoEDispatch {
   std::vector<float> s_gate_, s_up_, s_out_, s_scale_;  // shared expert: [T][ffs] x2, [T][d], [T]
   std::vector<float> route_tmp_;                     // [thread][2E]
   std::vector<float> row_tmp_, mm_tmp_;              // [thread][...]
-  int64_t active_count_ = 0;
+  // Per slot: active experts and the chunk counts of the two expert-product ops. A thread that
+  // was descheduled may read them after the others have moved on to the next layer, so each
+  // layer's values stay in their own slot for the whole run (a wrong op size would hang it).
+  std::vector<int64_t> op_sizes_;  // [slot][3]
   int n_threads_ = 0;
 };
 

@@ -13,11 +13,18 @@ from typing import Any
 import numpy as np
 
 from lmengine.errors import LMEngineError, ModelFileError, UnsupportedModelError
+from lmengine.models.moe import (
+    MOE_GGUF_ARCHITECTURES,
+    MOE_HF_ARCHITECTURES,
+    MoESpec,
+    moe_from_gguf_metadata,
+    moe_from_hf_config,
+)
 
 __all__ = ["ModelSpec", "SUPPORTED_ARCHITECTURES"]
 
-# HF model_type / GGUF general.architecture values the dense core runs.
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+# HF model_type / GGUF general.architecture values the core runs (MoE ones: models/moe.py).
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2") + MOE_HF_ARCHITECTURES
 
 
 @dataclass
@@ -39,6 +46,8 @@ class ModelSpec:
     tie_embeddings: bool = False
     qkv_bias: bool = False
     sliding_window: int = 0
+    qk_norm: str = ""  # "head": RMSNorm of each q/k head (Qwen3); "full": of the whole projection
+    moe: MoESpec | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     # -- construction -------------------------------------------------------------------------
@@ -58,9 +67,15 @@ class ModelSpec:
             if scaling is None and rope.get("rope_type", "default") != "default":
                 scaling = rope
             theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-            window = cfg.get("sliding_window") if arch == "mistral" else None
+            window = cfg.get("sliding_window") if arch in ("mistral", "mixtral") else None
             if cfg.get("mlp_bias"):
                 raise UnsupportedModelError(f"{arch} with mlp_bias=true is not supported")
+            if cfg.get("clip_qkv") is not None:
+                raise UnsupportedModelError(f"{arch} with clip_qkv is not supported")
+            if arch in ("qwen2_moe", "qwen3_moe") and cfg.get("use_sliding_window"):
+                raise UnsupportedModelError(f"{arch} with use_sliding_window=true is not supported")
+            n_layers = int(cfg["num_hidden_layers"])
+            moe = moe_from_hf_config(arch, cfg, n_layers) if arch in MOE_HF_ARCHITECTURES else None
             if arch != "qwen2" and cfg.get("attention_bias"):
                 # HF's Llama puts a bias on o_proj too; the core has Q/K/V biases only.
                 raise UnsupportedModelError(
@@ -70,7 +85,7 @@ class ModelSpec:
                 raise UnsupportedModelError("qwen2 with use_sliding_window=true is not supported")
             return cls(
                 arch=arch,
-                n_layers=int(cfg["num_hidden_layers"]),
+                n_layers=n_layers,
                 d_model=d,
                 n_heads=n_heads,
                 n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
@@ -83,8 +98,12 @@ class ModelSpec:
                 rope_scaling=dict(scaling) if scaling else None,
                 rope_interleaved=False,
                 tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                qkv_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
+                qkv_bias=arch == "qwen2"
+                or (arch == "qwen2_moe" and bool(cfg.get("qkv_bias", True)))
+                or bool(cfg.get("attention_bias", False)),
                 sliding_window=int(window or 0),
+                qk_norm={"qwen3_moe": "head", "olmoe": "full"}.get(arch, ""),
+                moe=moe,
             )
         except LMEngineError:
             raise
@@ -94,9 +113,11 @@ class ModelSpec:
     @classmethod
     def from_gguf_metadata(cls, meta: dict[str, Any], tensor_names: set[str]) -> ModelSpec:
         arch = meta.get("general.architecture")
-        if arch not in ("llama", "qwen2"):
+        gguf_archs = ("llama", "qwen2") + MOE_GGUF_ARCHITECTURES
+        if arch not in gguf_archs:
             raise UnsupportedModelError(
-                f"unknown architecture {arch!r} (general.architecture); supported in GGUF: llama, qwen2"
+                f"unknown architecture {arch!r} (general.architecture); supported in GGUF: "
+                + ", ".join(gguf_archs)
             )
 
         def get(key: str, default: Any = None) -> Any:
@@ -122,9 +143,13 @@ class ModelSpec:
             raise UnsupportedModelError(
                 f"RoPE scaling type {scaling_type!r} is not supported in GGUF"
             )
+        n_layers = int(get("block_count"))
+        qk_norm = ""
+        if "blk.0.attn_q_norm.weight" in tensor_names:
+            qk_norm = "full" if arch == "olmoe" else "head"
         return cls(
             arch=arch,
-            n_layers=int(get("block_count")),
+            n_layers=n_layers,
             d_model=d,
             n_heads=n_heads,
             n_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv") or n_heads),
@@ -140,6 +165,8 @@ class ModelSpec:
             rope_interleaved=arch == "llama",
             tie_embeddings="output.weight" not in tensor_names,
             qkv_bias="blk.0.attn_q.bias" in tensor_names,
+            qk_norm=qk_norm,
+            moe=moe_from_gguf_metadata(arch, meta, n_layers, tensor_names),
         )
 
     # -- derived values -----------------------------------------------------------------------
@@ -190,12 +217,24 @@ class ModelSpec:
             "rope_inv_freq": self.rope_inv_freq().tolist(),
             "sliding_window": self.sliding_window,
             "qkv_bias": self.qkv_bias,
+            "qk_norm": self.qk_norm,
+            **(self.moe.core_config() if self.moe else {}),
         }
 
     @property
     def n_params(self) -> int:
-        """Parameters of the weights a forward pass multiplies (embedding lookup excluded)."""
+        """Parameters of the weights a forward pass multiplies per token (embedding lookup
+        excluded; in MoE layers the router, top_k routed experts and the shared expert)."""
         q = self.n_heads * self.head_dim
         kv = self.n_kv_heads * self.head_dim
-        per_layer = self.d_model * (q + 2 * kv) + q * self.d_model + 3 * self.d_model * self.d_ff
-        return self.n_layers * per_layer + self.vocab_size * self.d_model
+        attn = self.d_model * (q + 2 * kv) + q * self.d_model
+        total = self.vocab_size * self.d_model
+        for layer in range(self.n_layers):
+            if self.moe is not None and self.moe.moe_layers[layer]:
+                # Per token: the router, top_k routed experts and the shared expert.
+                expert, shared = self.moe.params_per_layer(self.d_model)
+                ffn = self.moe.n_experts * self.d_model + self.moe.top_k * expert + shared
+            else:
+                ffn = 3 * self.d_model * self.d_ff
+            total += attn + ffn
+        return total
