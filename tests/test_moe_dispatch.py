@@ -330,3 +330,25 @@ def test_bad_expert_tensors_are_named():
         _core.kernels.moe_forward(x, router, gate, up, down, 2, scoring="relu")
     with pytest.raises(InvalidRequestError, match="x must be"):
         _core.kernels.moe_forward(x[0], router, gate, up, down, 2)
+
+
+def test_layer_reuses_scratch_across_sizes():
+    """One MoELayer called at growing and shrinking token counts (scratch grown once, reused)
+    gives what a fresh layer gives for each call."""
+    rng = np.random.default_rng(21)
+    layer = make_layer(rng, 8, 64, 64, "Q4_0", shared_ff=64)
+    args = (
+        layer["router"][0],
+        [g[0] for g in layer["gate"]],
+        [u[0] for u in layer["up"]],
+        [w[0] for w in layer["down"]],
+        3,
+    )
+    shared = tuple(s[0] for s in layer["shared"])
+    held = _core.kernels.MoELayer(*args, shared=shared, n_threads=2)
+    for T in (1, 33, 5, 70, 1):
+        x = rng.standard_normal((T, 64)).astype(np.float32)
+        out, counts = held.forward(x)
+        fresh, fresh_counts = _core.kernels.moe_forward(x, *args, shared=shared, n_threads=2)
+        np.testing.assert_array_equal(out, fresh)
+        np.testing.assert_array_equal(counts, fresh_counts)

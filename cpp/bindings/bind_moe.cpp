@@ -4,6 +4,7 @@
 #include <pybind11/stl.h>
 
 #include <memory>
+#include <mutex>
 #include <vector>
 
 #include "errors.h"
@@ -79,67 +80,84 @@ lme::WeightTensor f32_vector(const py::handle& h, const std::string& name, py::l
   return t;
 }
 
-// moe_forward: one MoE layer on T rows, the engine's own dispatch on its own thread pool.
-py::tuple moe_forward(const py::array& x_in, const py::handle& router, const py::sequence& gate,
-                      const py::sequence& up, const py::sequence& down, int32_t top_k,
-                      const std::string& scoring, bool norm_topk_prob, int32_t n_group, int32_t topk_group,
-                      float routed_scaling_factor, const py::object& score_bias, const py::object& shared,
-                      const py::object& shared_gate_inp, int32_t activation_bits, int n_threads) {
-  py::list keep;
-  auto x = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(x_in);
-  if (!x || x.ndim() != 2 || x.shape(0) < 1) raise_error("InvalidRequestError", "x must be float32 [T >= 1, d]");
-  if (activation_bits != 8 && activation_bits != 16) raise_error("InvalidRequestError", "activation_bits must be 8 or 16");
-  if (n_threads < 1 || n_threads > 256) raise_error("InvalidRequestError", "n_threads must be in [1, 256]");
-  const int64_t T = x.shape(0), d = x.shape(1);
-  lme::MoEConfig c;
-  c.n_experts = static_cast<int32_t>(py::len(gate));
-  c.top_k = top_k;
-  c.scoring = scoring_from(scoring);
-  c.norm_topk_prob = norm_topk_prob;
-  c.n_group = n_group;
-  c.topk_group = topk_group;
-  c.routed_scaling_factor = routed_scaling_factor;
-  lme::MoELayerWeights w;
-  w.router = weight_from_tuple(router, "router", keep);
-  for (size_t e = 0; e < py::len(gate); ++e) w.gate.push_back(weight_from_tuple(gate[e], "gate." + std::to_string(e), keep));
-  for (size_t e = 0; e < py::len(up); ++e) w.up.push_back(weight_from_tuple(up[e], "up." + std::to_string(e), keep));
-  for (size_t e = 0; e < py::len(down); ++e) w.down.push_back(weight_from_tuple(down[e], "down." + std::to_string(e), keep));
-  if (!w.gate.empty()) c.d_ff_expert = static_cast<int32_t>(w.gate[0].rows);
-  if (!score_bias.is_none()) w.score_bias = f32_vector(score_bias, "score_bias", keep);
-  if (!shared.is_none()) {
-    py::sequence s = shared.cast<py::sequence>();
-    if (py::len(s) != 3) raise_error("InvalidRequestError", "shared must be (gate, up, down)");
-    w.shared_gate = weight_from_tuple(s[0], "shared.gate", keep);
-    w.shared_up = weight_from_tuple(s[1], "shared.up", keep);
-    w.shared_down = weight_from_tuple(s[2], "shared.down", keep);
-    c.d_ff_shared = static_cast<int32_t>(w.shared_gate.rows);
+// One MoE layer held with its own thread pool and scratch, so repeated forward() calls cost what
+// an engine step's MoE layer costs (kernels.MoELayer; kernels.moe_forward is one call of it).
+class PyMoELayer {
+ public:
+  PyMoELayer(const py::handle& router, const py::sequence& gate, const py::sequence& up, const py::sequence& down,
+             int32_t top_k, const std::string& scoring, bool norm_topk_prob, int32_t n_group, int32_t topk_group,
+             float routed_scaling_factor, const py::object& score_bias, const py::object& shared,
+             const py::object& shared_gate_inp, int32_t activation_bits, int n_threads) {
+    if (activation_bits != 8 && activation_bits != 16) raise_error("InvalidRequestError", "activation_bits must be 8 or 16");
+    if (n_threads < 1 || n_threads > 256) raise_error("InvalidRequestError", "n_threads must be in [1, 256]");
+    lme::MoEConfig& c = c_;
+    c.n_experts = static_cast<int32_t>(py::len(gate));
+    c.top_k = top_k;
+    c.scoring = scoring_from(scoring);
+    c.norm_topk_prob = norm_topk_prob;
+    c.n_group = n_group;
+    c.topk_group = topk_group;
+    c.routed_scaling_factor = routed_scaling_factor;
+    lme::MoELayerWeights& w = w_;
+    w.router = weight_from_tuple(router, "router", keep_);
+    for (size_t e = 0; e < py::len(gate); ++e) w.gate.push_back(weight_from_tuple(gate[e], "gate." + std::to_string(e), keep_));
+    for (size_t e = 0; e < py::len(up); ++e) w.up.push_back(weight_from_tuple(up[e], "up." + std::to_string(e), keep_));
+    for (size_t e = 0; e < py::len(down); ++e) w.down.push_back(weight_from_tuple(down[e], "down." + std::to_string(e), keep_));
+    if (!w.gate.empty()) c.d_ff_expert = static_cast<int32_t>(w.gate[0].rows);
+    if (!score_bias.is_none()) w.score_bias = f32_vector(score_bias, "score_bias", keep_);
+    if (!shared.is_none()) {
+      py::sequence s = shared.cast<py::sequence>();
+      if (py::len(s) != 3) raise_error("InvalidRequestError", "shared must be (gate, up, down)");
+      w.shared_gate = weight_from_tuple(s[0], "shared.gate", keep_);
+      w.shared_up = weight_from_tuple(s[1], "shared.up", keep_);
+      w.shared_down = weight_from_tuple(s[2], "shared.down", keep_);
+      c.d_ff_shared = static_cast<int32_t>(w.shared_gate.rows);
+    }
+    if (!shared_gate_inp.is_none()) {
+      w.shared_gate_inp = f32_vector(shared_gate_inp, "shared_gate_inp", keep_);
+      c.shared_gate = true;
+    }
+    d_ = w.router.cols;
+    raise_if_error(lme::validate_moe_layer(c, d_, w, ""));
+    two_level_ = activation_bits == 16;
+    pool_ = std::make_unique<lme::ThreadPool>(n_threads);
   }
-  if (!shared_gate_inp.is_none()) {
-    w.shared_gate_inp = f32_vector(shared_gate_inp, "shared_gate_inp", keep);
-    c.shared_gate = true;
-  }
-  raise_if_error(lme::validate_moe_layer(c, d, w, ""));
 
-  py::array_t<float> out({T, d});
-  py::array_t<int64_t> counts(c.n_experts);
-  const float* xp = x.data();
-  float* op = out.mutable_data();
-  int64_t* cp = counts.mutable_data();
-  {
-    py::gil_scoped_release release;
-    lme::ThreadPool pool(n_threads);
-    lme::MoEDispatch dispatch;
-    dispatch.reserve(c, d, {&w}, T, n_threads, 1);
-    const bool two = activation_bits == 16;
-    pool.run(
-        [&](int tid, int nth) {
-          lme::ParallelContext pc(pool, tid, nth);
-          dispatch.forward(pc, c, w, xp, T, d, two, two, op, cp, 0);
-        },
-        lme::MoEDispatch::kOpsPerLayer + 1);
+  py::tuple forward(const py::array& x_in) {
+    auto x = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(x_in);
+    if (!x || x.ndim() != 2 || x.shape(0) < 1 || x.shape(1) != d_) {
+      raise_error("InvalidRequestError", "x must be float32 [T >= 1, d = " + std::to_string(d_) + "]");
+    }
+    const int64_t T = x.shape(0), d = d_;
+    py::array_t<float> out({T, d});
+    py::array_t<int64_t> counts(c_.n_experts);
+    const float* xp = x.data();
+    float* op = out.mutable_data();
+    int64_t* cp = counts.mutable_data();
+    {
+      py::gil_scoped_release release;
+      std::lock_guard<std::mutex> lock(mutex_);
+      dispatch_.reserve(c_, d, {&w_}, T, pool_->size(), 1);
+      pool_->run(
+          [&](int tid, int nth) {
+            lme::ParallelContext pc(*pool_, tid, nth);
+            dispatch_.forward(pc, c_, w_, xp, T, d, two_level_, two_level_, op, cp, 0);
+          },
+          lme::MoEDispatch::kOpsPerLayer + 1);
+    }
+    return py::make_tuple(out, counts);
   }
-  return py::make_tuple(out, counts);
-}
+
+ private:
+  lme::MoEConfig c_;
+  lme::MoELayerWeights w_;
+  py::list keep_;  // the arrays whose memory the weights view
+  int64_t d_ = 0;
+  bool two_level_ = true;
+  std::unique_ptr<lme::ThreadPool> pool_;
+  lme::MoEDispatch dispatch_;
+  std::mutex mutex_;
+};
 
 }  // namespace
 
@@ -202,14 +220,40 @@ void moe_layer_weights(const std::function<lme::WeightTensor(const std::string&,
 
 void bind_moe(py::module_& m) {
   py::module_ k = m.attr("kernels").cast<py::module_>();
-  k.def("moe_forward", &lme_py::moe_forward, py::arg("x"), py::arg("router"), py::arg("gate"), py::arg("up"),
-        py::arg("down"), py::arg("top_k"), py::arg("scoring") = "softmax", py::arg("norm_topk_prob") = false,
-        py::arg("n_group") = 1, py::arg("topk_group") = 1, py::arg("routed_scaling_factor") = 1.0f,
-        py::arg("score_bias") = py::none(), py::arg("shared") = py::none(),
-        py::arg("shared_gate_inp") = py::none(), py::arg("activation_bits") = 16, py::arg("n_threads") = 2,
-        "moe_forward(x: float32[T, d], router, gate, up, down, top_k, ...) -> (out float32[T, d], "
-        "counts int64[E]). Weights are (ggml_type, array, rows, cols) tuples as Engine takes them: "
-        "router [E, d], gate/up lists of E [ff, d], down a list of E [d, ff]; shared = (gate, up, "
-        "down) of the shared expert, shared_gate_inp float32[d] scales it by sigmoid(w . x); "
-        "score_bias float32[E] is added to sigmoid scores for the choice only.");
+  const char* doc =
+      "Weights are (ggml_type, array, rows, cols) tuples as Engine takes them: router [E, d], gate/up "
+      "lists of E [ff, d], down a list of E [d, ff]; shared = (gate, up, down) of the shared expert, "
+      "shared_gate_inp float32[d] scales it by sigmoid(w . x); score_bias float32[E] is added to "
+      "sigmoid scores for the choice only. forward(x: float32[T, d]) -> (out float32[T, d], counts "
+      "int64[E]).";
+  py::class_<lme_py::PyMoELayer>(k, "MoELayer", doc)
+      .def(py::init<const py::handle&, const py::sequence&, const py::sequence&, const py::sequence&, int32_t,
+                    const std::string&, bool, int32_t, int32_t, float, const py::object&, const py::object&,
+                    const py::object&, int32_t, int>(),
+           py::arg("router"), py::arg("gate"), py::arg("up"), py::arg("down"), py::arg("top_k"),
+           py::arg("scoring") = "softmax", py::arg("norm_topk_prob") = false, py::arg("n_group") = 1,
+           py::arg("topk_group") = 1, py::arg("routed_scaling_factor") = 1.0f, py::arg("score_bias") = py::none(),
+           py::arg("shared") = py::none(), py::arg("shared_gate_inp") = py::none(),
+           py::arg("activation_bits") = 16, py::arg("n_threads") = 2)
+      .def("forward", &lme_py::PyMoELayer::forward, py::arg("x"));
+  static const std::string fdoc =
+      std::string("moe_forward(x, router, gate, up, down, top_k, ...): one forward() of a fresh MoELayer. ") + doc;
+  k.def(
+      "moe_forward",
+      [](const py::array& x, const py::handle& router, const py::sequence& gate, const py::sequence& up,
+         const py::sequence& down, int32_t top_k, const std::string& scoring, bool norm_topk_prob, int32_t n_group,
+         int32_t topk_group, float routed_scaling_factor, const py::object& score_bias, const py::object& shared,
+         const py::object& shared_gate_inp, int32_t activation_bits, int n_threads) {
+        auto xa = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(x);
+        if (!xa || xa.ndim() != 2) lme_py::raise_error("InvalidRequestError", "x must be float32 [T >= 1, d]");
+        lme_py::PyMoELayer layer(router, gate, up, down, top_k, scoring, norm_topk_prob, n_group, topk_group,
+                                 routed_scaling_factor, score_bias, shared, shared_gate_inp, activation_bits,
+                                 n_threads);
+        return layer.forward(xa);
+      },
+      py::arg("x"), py::arg("router"), py::arg("gate"), py::arg("up"), py::arg("down"), py::arg("top_k"),
+      py::arg("scoring") = "softmax", py::arg("norm_topk_prob") = false, py::arg("n_group") = 1,
+      py::arg("topk_group") = 1, py::arg("routed_scaling_factor") = 1.0f, py::arg("score_bias") = py::none(),
+      py::arg("shared") = py::none(), py::arg("shared_gate_inp") = py::none(), py::arg("activation_bits") = 16,
+      py::arg("n_threads") = 2, fdoc.c_str());
 }
