@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "bind_moe.h"
 #include "errors.h"
 #include "lmengine/model.h"
 
@@ -56,7 +57,6 @@ class PyEngine {
     c.sliding_window = cfg_get_or<int32_t>(cfg, "sliding_window", 0);
     c.qkv_bias = cfg_get_or<bool>(cfg, "qkv_bias", false);
     c.embed_scale = cfg_get_or<float>(cfg, "embed_scale", 0.f);
-    c.qk_norm = cfg_get_or<bool>(cfg, "qk_norm", false);
     c.post_norms = cfg_get_or<bool>(cfg, "post_norms", false);
     c.layer_sliding_window = cfg_get_or<std::vector<int32_t>>(cfg, "layer_sliding_window", {});
     c.rope_inv_freq_local = cfg_get_or<std::vector<float>>(cfg, "rope_inv_freq_local", {});
@@ -70,6 +70,7 @@ class PyEngine {
     }
     c.activation_bits = cfg_get_or<int32_t>(cfg, "activation_bits", 16);
     c.two_level_mask = cfg_get_or<int32_t>(cfg, "two_level_mask", 31);
+    lme_py::moe_config_from_dict(cfg, c);
     if (c.activation_bits != 8 && c.activation_bits != 16) {
       raise_error("InvalidRequestError", "activation_bits must be 8 or 16");
     }
@@ -131,18 +132,16 @@ class PyEngine {
       L.bq = get(p + "attn_q.bias", c.qkv_bias);
       L.bk = get(p + "attn_k.bias", c.qkv_bias);
       L.bv = get(p + "attn_v.bias", c.qkv_bias);
-      if (c.qk_norm) {
-        L.q_norm = get(p + "attn_q_norm", true);
-        L.k_norm = get(p + "attn_k_norm", true);
-      }
       if (c.post_norms) {
         L.post_attn_norm = get(p + "post_attention_norm", true);
         L.post_ffn_norm = get(p + "post_ffw_norm", true);
       }
       L.ffn_norm = get(p + "ffn_norm", true);
-      L.w_gate = get(p + "ffn_gate", true);
-      L.w_up = get(p + "ffn_up", true);
-      L.w_down = get(p + "ffn_down", true);
+      const bool dense = c.moe.n_experts == 0 || c.moe_layers[l] == 0;
+      L.w_gate = get(p + "ffn_gate", dense);
+      L.w_up = get(p + "ffn_up", dense);
+      L.w_down = get(p + "ffn_down", dense);
+      lme_py::moe_layer_weights(get, c, l, L);
     }
     for (auto item : tensors) {
       const std::string name = py::str(item.first);
@@ -259,6 +258,32 @@ class PyEngine {
     engine_->counters().clear();
   }
 
+  // [n_layers, n_experts] tokens per expert: the last step (last=True) or since the reset.
+  py::array_t<int64_t> expert_counts(bool last) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const lme::MoEStats& st = engine_->moe_stats();
+    py::array_t<int64_t> out({int64_t(st.n_layers), int64_t(st.n_experts)});
+    const auto& src = last ? st.last : st.total;
+    std::copy(src.begin(), src.end(), out.mutable_data());
+    return out;
+  }
+  // Distinct experts hit per layer in the last step (the S-MBU counter's E_act).
+  py::array_t<int32_t> experts_active() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const lme::MoEStats& st = engine_->moe_stats();
+    py::array_t<int32_t> out(int64_t(st.n_layers));
+    st.distinct_last(out.mutable_data());
+    return out;
+  }
+  void reset_expert_counts() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    engine_->reset_moe_stats();
+  }
+  int64_t expert_passes() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return engine_->moe_stats().passes;
+  }
+
   int64_t free_pages() {
     std::lock_guard<std::mutex> lock(mutex_);
     return engine_->kv().free_pages();
@@ -303,6 +328,14 @@ void bind_engine(py::module_& m) {
            "Per-pass work records since the last reset (oldest first; 'dropped' counts passes the "
            "ring buffer no longer holds).")
       .def("reset_counters", &PyEngine::reset_counters)
+      .def("expert_counts", &PyEngine::expert_counts, py::arg("last") = false,
+           "int64 [n_layers, n_experts]: tokens routed to each expert, in the last step (last=True)"
+           " or accumulated since reset_expert_counts(); dense models have n_experts = 0.")
+      .def("experts_active", &PyEngine::experts_active,
+           "int32 [n_layers]: distinct experts that got at least one token in the last step.")
+      .def("reset_expert_counts", &PyEngine::reset_expert_counts)
+      .def_property_readonly("expert_passes", &PyEngine::expert_passes,
+                             "Steps accumulated in expert_counts() since the reset.")
       .def_property_readonly("free_pages", &PyEngine::free_pages)
       .def_property_readonly("total_pages", &PyEngine::total_pages)
       .def_property_readonly("page_size", &PyEngine::page_size)

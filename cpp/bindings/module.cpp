@@ -11,6 +11,7 @@ void bind_engine(py::module_& m);
 void bind_cuda(py::module_& m);
 void bind_kernels(py::module_& m);
 void bind_counters(py::module_& m);
+void bind_moe(py::module_& m);
 
 #ifndef LMENGINE_VERSION
 #define LMENGINE_VERSION "dev"
@@ -48,4 +49,5 @@ PYBIND11_MODULE(_core, m) {
   bind_cuda(m);
   bind_kernels(m);
   bind_counters(m);
+  bind_moe(m);  // adds to m.kernels
 }

@@ -44,6 +44,10 @@ Status check_tensor(const WeightTensor& t, const char* name, int64_t rows, int64
 
 int64_t row_bytes(const WeightTensor& w) { return dtype_row_bytes(w.type, w.cols); }
 
+bool is_moe_layer(const ModelConfig& c, int32_t l) {
+  return c.moe.n_experts > 0 && l < static_cast<int32_t>(c.moe_layers.size()) && c.moe_layers[l] != 0;
+}
+
 }  // namespace
 
 Status validate_model(const ModelConfig& c, const ModelWeights& w) {
@@ -79,9 +83,17 @@ Status validate_model(const ModelConfig& c, const ModelWeights& w) {
   const int64_t d = c.d_model, q_dim = int64_t(c.n_heads) * c.head_dim,
                 kv_dim = int64_t(c.n_kv_heads) * c.head_dim;
   Status s;
+  if (c.moe.n_experts > 0) {
+    if (!(s = validate_moe_config(c.moe)).ok()) return s;
+    if (static_cast<int32_t>(c.moe_layers.size()) != c.n_layers) {
+      return Status::Error(StatusCode::kBadModel, "moe_layers must have n_layers entries");
+    }
+  }
+  if (c.qk_norm < 0 || c.qk_norm > 2) return Status::Error(StatusCode::kBadModel, "qk_norm must be 0, 1 or 2");
   if (!(s = check_tensor(w.tok_embd, "token_embd", c.vocab_size, d, false)).ok()) return s;
   if (!(s = check_tensor(w.out_norm, "output_norm", 1, d, true)).ok()) return s;
   if (!(s = check_tensor(w.lm_head, "output", c.vocab_size, d, false)).ok()) return s;
+  const int64_t hd_check = c.head_dim;
   for (int32_t l = 0; l < c.n_layers; ++l) {
     const LayerWeights& L = w.layers[l];
     const std::string p = "blk." + std::to_string(l) + ".";
@@ -89,12 +101,17 @@ Status validate_model(const ModelConfig& c, const ModelWeights& w) {
     std::vector<Item> items = {
         {&L.attn_norm, p + "attn_norm", 1, d, true},  {&L.wq, p + "attn_q", q_dim, d, false},
         {&L.wk, p + "attn_k", kv_dim, d, false},      {&L.wv, p + "attn_v", kv_dim, d, false},
-        {&L.wo, p + "attn_output", d, q_dim, false},  {&L.ffn_norm, p + "ffn_norm", 1, d, true},
-        {&L.w_gate, p + "ffn_gate", c.d_ff, d, false}, {&L.w_up, p + "ffn_up", c.d_ff, d, false},
-        {&L.w_down, p + "ffn_down", d, c.d_ff, false}};
-    if (c.qk_norm) {
-      items.push_back({&L.q_norm, p + "attn_q_norm", 1, c.head_dim, true});
-      items.push_back({&L.k_norm, p + "attn_k_norm", 1, c.head_dim, true});
+        {&L.wo, p + "attn_output", d, q_dim, false},  {&L.ffn_norm, p + "ffn_norm", 1, d, true}};
+    if (is_moe_layer(c, l)) {
+      if (!(s = validate_moe_layer(c.moe, d, L.moe, p)).ok()) return s;
+    } else {
+      items.push_back({&L.w_gate, p + "ffn_gate", c.d_ff, d, false});
+      items.push_back({&L.w_up, p + "ffn_up", c.d_ff, d, false});
+      items.push_back({&L.w_down, p + "ffn_down", d, c.d_ff, false});
+    }
+    if (c.qk_norm != 0) {
+      items.push_back({&L.q_norm, p + "attn_q_norm", 1, c.qk_norm == 1 ? hd_check : q_dim, true});
+      items.push_back({&L.k_norm, p + "attn_k_norm", 1, c.qk_norm == 1 ? hd_check : kv_dim, true});
     }
     if (c.post_norms) {
       items.push_back({&L.post_attn_norm, p + "post_attention_norm", 1, d, true});
@@ -127,6 +144,7 @@ struct Engine::Scratch {
   std::vector<float> row_tmp;             // [thread][widest row]: residual quantization
   std::vector<float> mm_tmp;              // [thread][2*tokens][rows per chunk]: two-level products
   int64_t row_tmp_len = 0, mm_tmp_len = 0;
+  MoEDispatch moe;  // MoE layers' routing and expert scratch
 };
 
 Engine::Engine(ModelConfig config, ModelWeights weights, const KVCacheConfig& kv_config, int n_threads)
@@ -137,6 +155,7 @@ Engine::Engine(ModelConfig config, ModelWeights weights, const KVCacheConfig& kv
       scratch_(new Scratch) {
   if (config_.attn_scale <= 0.f) config_.attn_scale = 1.0f / std::sqrt(static_cast<float>(config_.head_dim));
   counters_.configure(config_, weights_, kv_config);
+  moe_stats_.init(config_.n_layers, config_.moe.n_experts);
 }
 
 Engine::~Engine() = default;
@@ -197,6 +216,13 @@ void Engine::ensure_scratch(int64_t n_tokens, int64_t n_out, int64_t max_ctx) {
     S.row_tmp.assign(pool_.size() * S.row_tmp_len, 0.f);
     S.mm_tmp_len = 2 * T * kMaxRowsPerChunk;
     S.mm_tmp.assign(pool_.size() * S.mm_tmp_len, 0.f);
+    if (c.moe.n_experts > 0) {
+      std::vector<const MoELayerWeights*> moe_layers;
+      for (int32_t l = 0; l < c.n_layers; ++l) {
+        if (is_moe_layer(c, l)) moe_layers.push_back(&weights_.layers[l].moe);
+      }
+      S.moe.reserve(c.moe, c.d_model, moe_layers, T, pool_.size(), c.n_layers);
+    }
   }
   if (n_out > S.cap_out) {
     S.cap_out = n_out;
@@ -283,8 +309,9 @@ Status Engine::step(const std::vector<StepSequence>& batch, float* logits) {
       if (s.all_logits || i == s.n_tokens - 1) S.out_tok[o++] = t;
     }
   }
-  // forward() runs 2 + 11 per layer ops; the bound leaves room to add more.
-  const int64_t max_ops = 16 * int64_t(c.n_layers) + 16;
+  // forward() runs 2 + 11 per dense layer ops (MoE layers: 9 + MoEDispatch::kOpsPerLayer); the
+  // bound leaves room to add more.
+  const int64_t max_ops = (16 + MoEDispatch::kOpsPerLayer) * int64_t(c.n_layers) + 16;
   counters_.begin_pass(batch, kv_);
   pool_.run(
       [&](int tid, int nth) {
@@ -295,6 +322,7 @@ Status Engine::step(const std::vector<StepSequence>& batch, float* logits) {
   counters_.end_pass();
   ++steps_run_;
   tokens_run_ += n_tokens;
+  if (c.moe.n_experts > 0) moe_stats_.accumulate();
   for (const auto& s : batch) kv_.seq_set_length(s.seq, kv_.seq_length(s.seq) + s.n_tokens);
   return Status::Ok();
 }
@@ -458,9 +486,12 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
           for (int64_t i = 0; i < kv_dim; ++i) kr[i] += L.bk.f32()[i];
           for (int64_t i = 0; i < kv_dim; ++i) vr[i] += L.bv.f32()[i];
         }
-        if (c.qk_norm) {
+        if (c.qk_norm == 1) {
           for (int32_t h = 0; h < c.n_heads; ++h) rmsnorm_row(qr + h * hd, L.q_norm.f32(), qr + h * hd, hd, c.rms_eps);
           for (int32_t h = 0; h < c.n_kv_heads; ++h) rmsnorm_row(kr + h * hd, L.k_norm.f32(), kr + h * hd, hd, c.rms_eps);
+        } else if (c.qk_norm == 2) {
+          rmsnorm_row(qr, L.q_norm.f32(), qr, q_dim, c.rms_eps);
+          rmsnorm_row(kr, L.k_norm.f32(), kr, kv_dim, c.rms_eps);
         }
         const bool local = window > 0 && !c.rope_inv_freq_local.empty();
         const float* cs = local ? &S.rope_cos_local[t * half] : &S.rope_cos[t * half];
@@ -503,6 +534,15 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
     pc.set_kind(kOpMatmulAttn);
     run_matmuls(&wo, 1, T);
 
+    if (is_moe_layer(c, l)) {
+      // MoE block: x += Σ_k w_k · expert_k(xn) (+ shared expert), see moe_dispatch.h.
+      pc.set_kind(kOpNormQuant);
+      norm_and_prepare(L.ffn_norm, S.proj.data(), c.post_norms ? &L.post_attn_norm : nullptr, nullptr, 0, d);
+      pc.set_kind(kOpMatmulFFN);
+      S.moe.forward(pc, c.moe, L.moe, S.xn.data(), T, d, two_mask & kTwoLevelGateUp, two_mask & kTwoLevelDown,
+                    S.proj.data(), &moe_stats_.last[size_t(l) * c.moe.n_experts], l);
+      continue;
+    }
     // MLP block: x += Wdown · (silu(Wgate xn) * Wup xn)
     DType ffn_types[2] = {L.w_gate.type, L.w_up.type};
     const int n_ffn_types = L.w_gate.type == L.w_up.type ? 1 : 2;

@@ -12,6 +12,7 @@
 
 #include "lmengine/counters.h"
 #include "lmengine/kv_cache.h"
+#include "lmengine/moe_dispatch.h"
 #include "lmengine/quant.h"
 #include "lmengine/status.h"
 #include "lmengine/thread_pool.h"
@@ -36,7 +37,6 @@ struct ModelConfig {
   // Gemma-style options; all off for the Llama family.
   float embed_scale = 0.f;       // embeddings are multiplied by this (Gemma: sqrt(d_model)); 0: none
   int32_t ffn_activation = 0;    // kActSiLU or kActGeluTanh, applied to the gate product
-  bool qk_norm = false;          // RMSNorm over each head of q and k, before RoPE ([head_dim] weights)
   bool post_norms = false;       // RMSNorm of the attention and MLP outputs before each residual add
   // Per-layer window (0 = whole context); empty: sliding_window for every layer. Layers with a
   // window use rope_inv_freq_local when it is given (Gemma 3: local base 10000, global 1e6).
@@ -46,6 +46,14 @@ struct ModelConfig {
   // to fp32 results; 8: one 8-bit row, as llama.cpp does (faster prefill, ~1% logit error).
   int32_t activation_bits = 16;
   int32_t two_level_mask = 31;  // which products get two-level rows when activation_bits == 16
+  // RMSNorm of q and k before RoPE: 0 none, 1 per head over head_dim (Qwen3), 2 over the whole
+  // projection (OLMoE).
+  int32_t qk_norm = 0;
+  // Mixture-of-Experts FFN (moe.n_experts > 0): moe_layers[l] != 0 marks the layers whose FFN is
+  // routed; the others are dense with width d_ff (DeepSeek's first k layers, Qwen2-MoE's
+  // mlp_only_layers).
+  MoEConfig moe;
+  std::vector<uint8_t> moe_layers;
 };
 
 enum : int32_t { kActSiLU = 0, kActGeluTanh = 1 };
@@ -59,21 +67,12 @@ enum : int32_t {
   kTwoLevelHead = 16,
 };
 
-// A 2-D weight stored row-major: `rows` rows of `cols` elements in dtype `type`. 1-D vectors
-// (norm weights, biases) are always F32 with rows == 1.
-struct WeightTensor {
-  DType type = DType::F32;
-  const uint8_t* data = nullptr;
-  int64_t rows = 0;
-  int64_t cols = 0;
-  const float* f32() const { return reinterpret_cast<const float*>(data); }
-};
-
 struct LayerWeights {
   WeightTensor attn_norm, wq, wk, wv, wo, bq, bk, bv;
-  WeightTensor q_norm, k_norm;                  // with qk_norm
-  WeightTensor post_attn_norm, post_ffn_norm;   // with post_norms
-  WeightTensor ffn_norm, w_gate, w_up, w_down;
+  WeightTensor ffn_norm, w_gate, w_up, w_down;  // dense FFN (absent in MoE layers)
+  WeightTensor q_norm, k_norm;                   // ModelConfig::qk_norm != 0
+  WeightTensor post_attn_norm, post_ffn_norm;    // ModelConfig::post_norms
+  MoELayerWeights moe;                           // MoE layers
 };
 
 struct ModelWeights {
@@ -127,6 +126,9 @@ class Engine {
   void reset_op_seconds();
   // Per-pass work records (FLOPs, bytes, wall time) for S-MBU / S-MFU; see counters.h.
   PassCounters& counters() { return counters_; }
+  // Tokens routed to each expert per layer: in the last step and accumulated since reset.
+  const MoEStats& moe_stats() const { return moe_stats_; }
+  void reset_moe_stats() { moe_stats_.reset(); }
 
  private:
   struct Scratch;
@@ -142,6 +144,7 @@ class Engine {
   int64_t steps_run_ = 0;
   int64_t tokens_run_ = 0;
   PassCounters counters_;
+  MoEStats moe_stats_;
 };
 
 }  // namespace lme

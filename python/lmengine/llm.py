@@ -192,6 +192,19 @@ class LLM:
     def reset_counters(self) -> None:
         self._engine.reset_counters()
 
+    def expert_stats(self, reset: bool = False) -> list[dict[str, int]]:
+        """Tokens routed to each expert of each MoE layer since the last reset, as records
+        ``{layer, expert, tokens}`` (``pandas.DataFrame(records)`` takes them); [] for a dense
+        model. ``reset=True`` zeroes the counts after reading them."""
+        from lmengine.models.moe import expert_count_records
+
+        records = []
+        if self.spec.moe is not None:
+            records = expert_count_records(self._engine.expert_counts(), self.spec.moe.moe_layers)
+        if reset:
+            self._engine.reset_expert_counts()
+        return records
+
     def generate(
         self,
         prompts: str | Sequence[str],

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from lmengine.errors import ModelFileError, ModelNotFoundError, UnsupportedModelError
+from lmengine.models.moe import VECTOR_TENSORS, hf_moe_tensor_name
 from lmengine.models.spec import ModelSpec
 
 __all__ = ["LoadedCheckpoint", "load_checkpoint", "GGML_TYPE_LAYOUT"]
@@ -101,6 +102,27 @@ def _tensor_nbytes(name: str, type_id: int, n_elements: int, cols: int) -> int:
     return n_elements // block * block_bytes
 
 
+def _split_experts(
+    core_name: str,
+    type_id: int,
+    raw: np.ndarray,
+    n_expert: int,
+    rows: int,
+    cols: int,
+    tensors: dict,
+) -> None:
+    """Per-expert views "<name>.<e>" of a 3-D expert tensor [n_expert, rows, cols] (no copy)."""
+    if not core_name.endswith("_exps"):
+        raise UnsupportedModelError(
+            f"3-D tensor {core_name!r} is not an expert tensor lmengine knows"
+        )
+    per = raw.nbytes // n_expert
+    for e in range(n_expert):
+        tensors[f"{core_name}.{e}"] = _tensor_entry(
+            f"{core_name}.{e}", type_id, raw[e * per : (e + 1) * per], (rows, cols), False
+        )
+
+
 # GGUF names that are not matrices the core multiplies.
 _GGUF_SKIP = {"rope_freqs.weight"}
 
@@ -135,6 +157,14 @@ def load_gguf(path: Path) -> LoadedCheckpoint:
             )
         raw = mm[start : start + nbytes]
         core_name = info.name[: -len(".weight")] if info.name.endswith(".weight") else info.name
+        if core_name.endswith(".exp_probs_b.bias"):
+            core_name = core_name[: -len(".bias")]
+        if len(shape) == 3:
+            # Expert tensors [n_expert, rows, cols] (ggml order reversed): one view per expert.
+            _split_experts(core_name, info.ggml_type, raw, shape[2], shape[1], cols, tensors)
+            for e in range(shape[2]):
+                types[f"{core_name}.{e}"] = _ggml_type_name(info.ggml_type)
+            continue
         tensors[core_name] = _tensor_entry(
             info.name, info.ggml_type, raw, (rows, cols), len(shape) == 1
         )
@@ -183,9 +213,10 @@ def _hf_to_core_name(name: str, arch: str = "llama") -> str | None:
     }
     if arch == "gemma3_text":
         mapping.update(_GEMMA3_LAYER_NAMES)
-    if rest not in mapping:
+    core = mapping.get(rest) or hf_moe_tensor_name(rest)
+    if core is None:
         return None
-    return f"blk.{layer}.{mapping[rest]}"
+    return f"blk.{layer}.{core}"
 
 
 def _read_safetensors_file(path: Path, tensors: dict, types: dict, spec: ModelSpec) -> None:
@@ -221,11 +252,33 @@ def _read_safetensors_file(path: Path, tensors: dict, types: dict, spec: ModelSp
         if end - begin != n_elements * GGML_TYPE_LAYOUT[type_id][1] or data_start + end > file_size:
             raise ModelFileError(f"{path} is truncated or inconsistent at tensor {name!r}")
         raw = mm[data_start + begin : data_start + end]
-        if len(shape) == 1:
-            entry = _tensor_entry(name, type_id, raw, (1, shape[0]), True)
+        one_d = len(shape) == 1 or (
+            core.rsplit(".", 1)[-1] in VECTOR_TENSORS and int(np.prod(shape)) == shape[-1]
+        )
+        if one_d:
+            entry = _tensor_entry(name, type_id, raw, (1, shape[-1]), True)
             if spec.norm_offset and core.endswith("norm"):
                 entry = (entry[0], entry[1] + np.float32(spec.norm_offset), *entry[2:])
             tensors[core] = entry
+        elif len(shape) == 3 and core.endswith("ffn_gate_up_exps"):
+            # transformers >= 5 fused experts: [E, 2*ff, d], gate rows first, then up.
+            n_expert, two_ff, d = shape
+            if two_ff % 2:
+                raise ModelFileError(f"tensor {name!r} has an odd fused gate/up width {two_ff}")
+            halves = raw.reshape(n_expert, 2, -1)
+            for role, half in (("ffn_gate_exps", 0), ("ffn_up_exps", 1)):
+                base = core[: -len("ffn_gate_up_exps")] + role
+                for e in range(n_expert):
+                    tensors[f"{base}.{e}"] = _tensor_entry(
+                        name, type_id, halves[e, half], (two_ff // 2, d), False
+                    )
+                    types[f"{base}.{e}"] = dtype
+            continue
+        elif len(shape) == 3 and core.endswith("_exps"):
+            _split_experts(core, type_id, raw, shape[0], shape[1], shape[2], tensors)
+            for e in range(shape[0]):
+                types[f"{core}.{e}"] = dtype
+            continue
         elif len(shape) == 2:
             tensors[core] = _tensor_entry(name, type_id, raw, (shape[0], shape[1]), False)
         else:

@@ -13,12 +13,19 @@ from typing import Any
 import numpy as np
 
 from lmengine.errors import LMEngineError, ModelFileError, UnsupportedModelError
+from lmengine.models.moe import (
+    MOE_GGUF_ARCHITECTURES,
+    MOE_HF_ARCHITECTURES,
+    MoESpec,
+    moe_from_gguf_metadata,
+    moe_from_hf_config,
+)
 
 __all__ = ["ModelSpec", "SUPPORTED_ARCHITECTURES"]
 
-# HF model_type / GGUF general.architecture values the dense core runs.
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma3_text")
-GGUF_ARCHITECTURES = ("llama", "qwen2", "gemma3")
+# HF model_type / GGUF general.architecture values the core runs (MoE ones: models/moe.py).
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma3_text") + MOE_HF_ARCHITECTURES
+GGUF_ARCHITECTURES = ("llama", "qwen2", "gemma3") + MOE_GGUF_ARCHITECTURES
 
 # Gemma 3: every 6th layer attends globally, the others through a sliding window with their own
 # RoPE base (HF's default layer_types; llama.cpp's set_swa_pattern(6) and rope base 10000).
@@ -45,11 +52,12 @@ class ModelSpec:
     tie_embeddings: bool = False
     qkv_bias: bool = False
     sliding_window: int = 0
+    qk_norm: str = ""  # "head": RMSNorm of each q/k head (Qwen3, Gemma 3); "full": whole projection
+    moe: MoESpec | None = None
     # Gemma-style options (see ModelConfig in cpp/lmengine/model.h).
     attn_scale: float = 0.0  # 0: 1/sqrt(head_dim)
     embed_scale: float = 0.0  # 0: embeddings unscaled
     ffn_activation: str = "silu"  # or "gelu_tanh"
-    qk_norm: bool = False
     post_norms: bool = False
     layer_sliding_window: list[int] | None = None  # per layer, 0 = global; None: sliding_window
     rope_local_theta: float | None = None  # RoPE base of the windowed layers, if different
@@ -79,9 +87,15 @@ class ModelSpec:
             if scaling is None and rope.get("rope_type", "default") != "default":
                 scaling = rope
             theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-            window = cfg.get("sliding_window") if arch == "mistral" else None
+            window = cfg.get("sliding_window") if arch in ("mistral", "mixtral") else None
             if cfg.get("mlp_bias"):
                 raise UnsupportedModelError(f"{arch} with mlp_bias=true is not supported")
+            if cfg.get("clip_qkv") is not None:
+                raise UnsupportedModelError(f"{arch} with clip_qkv is not supported")
+            if arch in ("qwen2_moe", "qwen3_moe") and cfg.get("use_sliding_window"):
+                raise UnsupportedModelError(f"{arch} with use_sliding_window=true is not supported")
+            n_layers = int(cfg["num_hidden_layers"])
+            moe = moe_from_hf_config(arch, cfg, n_layers) if arch in MOE_HF_ARCHITECTURES else None
             if arch != "qwen2" and cfg.get("attention_bias"):
                 # HF's Llama puts a bias on o_proj too; the core has Q/K/V biases only.
                 raise UnsupportedModelError(
@@ -91,7 +105,7 @@ class ModelSpec:
                 raise UnsupportedModelError("qwen2 with use_sliding_window=true is not supported")
             return cls(
                 arch=arch,
-                n_layers=int(cfg["num_hidden_layers"]),
+                n_layers=n_layers,
                 d_model=d,
                 n_heads=n_heads,
                 n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
@@ -104,8 +118,12 @@ class ModelSpec:
                 rope_scaling=dict(scaling) if scaling else None,
                 rope_interleaved=False,
                 tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                qkv_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
+                qkv_bias=arch == "qwen2"
+                or (arch == "qwen2_moe" and bool(cfg.get("qkv_bias", True)))
+                or bool(cfg.get("attention_bias", False)),
                 sliding_window=int(window or 0),
+                qk_norm={"qwen3_moe": "head", "olmoe": "full"}.get(arch, ""),
+                moe=moe,
             )
         except LMEngineError:
             raise
@@ -168,7 +186,7 @@ class ModelSpec:
                 attn_scale=float(cfg.get("query_pre_attn_scalar", head_dim)) ** -0.5,
                 embed_scale=float(np.float32(math.sqrt(d))),
                 ffn_activation="gelu_tanh",
-                qk_norm=True,
+                qk_norm="head",
                 post_norms=True,
                 layer_sliding_window=[window if t == "sliding_attention" else 0 for t in types],
                 rope_local_theta=float(local.get("rope_theta", GEMMA3_LOCAL_ROPE_THETA)),
@@ -211,12 +229,15 @@ class ModelSpec:
             raise UnsupportedModelError(
                 f"RoPE scaling type {scaling_type!r} is not supported in GGUF"
             )
+        n_layers = int(get("block_count"))
+        qk_norm = ""
+        if "blk.0.attn_q_norm.weight" in tensor_names:
+            qk_norm = "full" if arch == "olmoe" else "head"
         gemma = {}
         if arch == "gemma3":
             # llama.cpp's conventions for gemma3 GGUF files: norm weights already hold 1 + w,
             # Q/K unpermuted (RoPE on halves), scale 1/sqrt(head_dim) (all sizes but 27B),
             # local layers on base 10000 with the window, every 6th layer global.
-            n_layers = int(get("block_count"))
             window = int(meta.get(f"{arch}.attention.sliding_window") or 0)
             pattern = int(
                 meta.get(f"{arch}.attention.sliding_window_pattern") or GEMMA3_SWA_PATTERN
@@ -224,7 +245,6 @@ class ModelSpec:
             gemma = dict(
                 embed_scale=float(np.float32(math.sqrt(d))),
                 ffn_activation="gelu_tanh",
-                qk_norm=True,
                 post_norms=True,
                 layer_sliding_window=[
                     0 if (i + 1) % pattern == 0 else window for i in range(n_layers)
@@ -233,7 +253,7 @@ class ModelSpec:
             )
         return cls(
             arch=arch,
-            n_layers=int(get("block_count")),
+            n_layers=n_layers,
             d_model=d,
             n_heads=n_heads,
             n_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv") or n_heads),
@@ -249,6 +269,8 @@ class ModelSpec:
             rope_interleaved=arch == "llama",
             tie_embeddings="output.weight" not in tensor_names,
             qkv_bias="blk.0.attn_q.bias" in tensor_names,
+            qk_norm=qk_norm,
+            moe=moe_from_gguf_metadata(arch, meta, n_layers, tensor_names),
             **gemma,
         )
 
@@ -304,10 +326,11 @@ class ModelSpec:
             "rope_inv_freq": self.rope_inv_freq().tolist(),
             "sliding_window": self.sliding_window,
             "qkv_bias": self.qkv_bias,
+            "qk_norm": self.qk_norm,
+            **(self.moe.core_config() if self.moe else {}),
             "attn_scale": self.attn_scale,
             "embed_scale": self.embed_scale,
             "ffn_activation": self.ffn_activation,
-            "qk_norm": self.qk_norm,
             "post_norms": self.post_norms,
             "layer_sliding_window": list(self.layer_sliding_window or []),
             "rope_inv_freq_local": (
@@ -317,11 +340,21 @@ class ModelSpec:
 
     @property
     def n_params(self) -> int:
-        """Parameters of the weights a forward pass multiplies (embedding lookup excluded)."""
+        """Parameters of the weights a forward pass multiplies per token (embedding lookup
+        excluded; in MoE layers the router, top_k routed experts and the shared expert)."""
         q = self.n_heads * self.head_dim
         kv = self.n_kv_heads * self.head_dim
-        per_layer = self.d_model * (q + 2 * kv) + q * self.d_model + 3 * self.d_model * self.d_ff
-        return self.n_layers * per_layer + self.vocab_size * self.d_model
+        attn = self.d_model * (q + 2 * kv) + q * self.d_model
+        total = self.vocab_size * self.d_model
+        for layer in range(self.n_layers):
+            if self.moe is not None and self.moe.moe_layers[layer]:
+                # Per token: the router, top_k routed experts and the shared expert.
+                expert, shared = self.moe.params_per_layer(self.d_model)
+                ffn = self.moe.n_experts * self.d_model + self.moe.top_k * expert + shared
+            else:
+                ffn = 3 * self.d_model * self.d_ff
+            total += attn + ffn
+        return total
 
 
 def _default_inv_freq(dim: int, theta: float) -> np.ndarray:
