@@ -372,6 +372,27 @@ def test_expert_stats(zoo):
     assert list(frame.columns) == ["layer", "expert", "tokens"]
 
 
+def test_counters_count_the_experts_each_pass_hit(zoo):
+    """S-MBU / S-MFU inputs of an MoE pass: E_act from the pass's own histogram, top_k expert
+    products per token, the router and the gated shared expert (qwen2_moe: 8 experts of
+    3 x 96 x 64, top 3, shared 3 x 96 x 96 + gate 96, two MoE layers of three)."""
+    llm = zoo.llm("qwen2_moe")
+    llm.reset_counters()
+    ids = token_ids(17)
+    llm.logits(ids, prefill=16)  # a 16-token prefill pass, then one decode pass
+    prefill, decode = llm.counters()[-2:]
+    d, expert, shared = 96, 3 * 96 * 64, 3 * 96 * 96 + 96
+    for record, tokens in ((prefill, 16), (decode, 1)):
+        assert record["moe_layers"] == 2
+        assert record["flops_experts"] == 2 * tokens * 3 * 2 * expert
+        assert record["flops_router"] == 2 * tokens * 2 * d * 8
+        assert record["flops_shared_experts"] == 2 * tokens * 2 * shared
+    # The decode pass hit exactly top_k = 3 distinct experts in each MoE layer.
+    assert decode["experts_active_sum"] == 2 * 3
+    assert decode["weight_bytes_experts"] == 2 * 3 * expert * 4  # fp32 weights
+    assert 2 * 3 <= prefill["experts_active_sum"] <= 2 * 8
+
+
 # -- bad input --------------------------------------------------------------------------------
 
 

@@ -194,6 +194,30 @@ void PassCounters::configure(const ModelConfig& c, const ModelWeights& w, const 
     flops_per_token_[kFlopDenseFFN] +=
         2.0 * (tensor_params(L.w_gate) + tensor_params(L.w_up) + tensor_params(L.w_down));
   }
+  moe_layers_.clear();
+  moe_n_experts_ = c.moe.n_experts;
+  moe_hits_.assign(static_cast<size_t>(std::max(c.moe.n_experts, 0)), 0);
+  for (int32_t l = 0; l < c.n_layers && c.moe.n_experts > 0; ++l) {
+    const MoELayerWeights& m = w.layers[l].moe;
+    if (!m.present()) continue;
+    MoeLayerShape shape;
+    shape.n_experts = c.moe.n_experts;
+    shape.top_k = c.moe.top_k;
+    shape.d_model = c.d_model;
+    // Experts of one layer share shapes and (in every format the loaders produce) dtypes: expert
+    // 0 stands for all of them.
+    shape.expert_params = static_cast<int64_t>(tensor_params(m.gate[0]) + tensor_params(m.up[0]) +
+                                               tensor_params(m.down[0]));
+    for (const WeightTensor* t : {&m.gate[0], &m.up[0], &m.down[0]})
+      shape.expert_bytes_by_dtype[dtype_slot(t->type)] += tensor_bytes(*t);
+    shape.router_params = static_cast<int64_t>(tensor_params(m.router));
+    shape.router_bytes_by_dtype[dtype_slot(m.router.type)] += tensor_bytes(m.router);
+    for (const WeightTensor* t : {&m.shared_gate, &m.shared_up, &m.shared_down, &m.shared_gate_inp}) {
+      shape.shared_params += static_cast<int64_t>(tensor_params(*t));
+      shape.shared_bytes_by_dtype[dtype_slot(t->type)] += tensor_bytes(*t);
+    }
+    moe_layers_.emplace_back(l, shape);
+  }
   add_bytes(w.out_norm, kWeightNorm);
   add_bytes(w.lm_head, kWeightLMHead);
   // ~4 FLOPs per element of each normalised row: 2 (or 4 with post-norms) rows of d_model per
@@ -258,6 +282,14 @@ void PassCounters::add_moe_layer(const MoeLayerTerms& t) {
     cur_.weight_bytes_by_dtype[i] += t.weight_bytes_by_dtype[i];
   cur_.moe_layers += 1;
   cur_.experts_active_sum += t.experts_active;
+}
+
+void PassCounters::add_moe_pass(const int64_t* expert_counts, int64_t n_tokens) {
+  for (const auto& [layer, shape] : moe_layers_) {
+    const int64_t* row = expert_counts + static_cast<int64_t>(layer) * moe_n_experts_;
+    for (int32_t e = 0; e < moe_n_experts_; ++e) moe_hits_[e] = static_cast<int32_t>(row[e]);
+    add_moe_layer(moe_layer_terms(shape, moe_hits_.data(), n_tokens));
+  }
 }
 
 void PassCounters::end_pass() {

@@ -160,6 +160,9 @@ class PassCounters {
   // Before the forward pass: positions come from the KV lengths before the step.
   void begin_pass(const std::vector<StepSequence>& batch, const KVCache& kv);
   void add_moe_layer(const MoeLayerTerms& t);
+  // Adds every MoE layer's terms from the pass's expert histograms, [n_layers][n_experts] tokens
+  // routed per expert (rows of dense layers are ignored).
+  void add_moe_pass(const int64_t* expert_counts, int64_t n_tokens);
   void replace_attention(const AttentionTerms& t);
   // After the forward pass: stamps the wall time and commits the record.
   void end_pass();
@@ -180,6 +183,9 @@ class PassCounters {
   double flops_per_token_[kNumFlopTerms] = {};  // terms linear in tokens
   double lm_head_flops_per_row_ = 0, norm_flops_per_row_ = 0, final_norm_flops_per_row_ = 0;
   double embed_row_bytes_ = 0;
+  std::vector<std::pair<int32_t, MoeLayerShape>> moe_layers_;  // (layer, shape) of MoE layers
+  int32_t moe_n_experts_ = 0;
+  std::vector<int32_t> moe_hits_;  // one layer's histogram, converted for moe_layer_terms
   int embed_slot_ = 0;
   std::vector<PassRecord> ring_;
   int64_t count_ = 0;   // passes committed since the last clear

@@ -319,6 +319,7 @@ Status Engine::step(const std::vector<StepSequence>& batch, float* logits) {
         forward(pc, batch, logits);
       },
       max_ops);
+  if (c.moe.n_experts > 0) counters_.add_moe_pass(moe_stats_.last.data(), n_tokens);
   counters_.end_pass();
   ++steps_run_;
   tokens_run_ += n_tokens;
