@@ -10,6 +10,7 @@ void bind_quant(py::module_& m);
 void bind_engine(py::module_& m);
 void bind_cuda(py::module_& m);
 void bind_kernels(py::module_& m);
+void bind_kernels_sparse(py::module_& m);
 
 #ifndef LMENGINE_VERSION
 #define LMENGINE_VERSION "dev"
@@ -46,4 +47,5 @@ PYBIND11_MODULE(_core, m) {
   bind_engine(m);
   bind_cuda(m);
   bind_kernels(m);
+  bind_kernels_sparse(m);
 }

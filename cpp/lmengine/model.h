@@ -10,6 +10,7 @@
 #include <memory>
 #include <vector>
 
+#include "lmengine/attention_sparse.h"
 #include "lmengine/kv_cache.h"
 #include "lmengine/quant.h"
 #include "lmengine/status.h"
@@ -80,6 +81,9 @@ enum OpKind : int {
   kOpMatmulFFN,   // gate, up and down products
   kOpActivation,  // SiLU * up and its conversion
   kOpLMHead,      // final norm + LM head
+  kOpBlockSummary,     // key min/max of the blocks a step wrote (sparse attention enabled)
+  kOpSparseSelect,     // block scores and top-n per sparse decode token and KV head
+  kOpSparseAttention,  // attention over the selected blocks + LSE merge
   kNumOpKinds
 };
 const char* op_kind_name(int kind);
@@ -89,6 +93,9 @@ struct StepSequence {
   const int32_t* tokens = nullptr;
   int32_t n_tokens = 0;
   bool all_logits = false;  // logits for every new token, else only for the last one
+  // A one-token chunk attends block-sparsely (see attention_sparse.h); longer chunks (prompts,
+  // rectification) always attend densely. Needs a cache with block summaries.
+  bool sparse = false;
 };
 
 class Engine {
@@ -112,6 +119,11 @@ class Engine {
   int64_t tokens_run() const { return tokens_run_; }
   void reset_op_seconds();
 
+  // Block-sparse decoding: selection parameters (needs a KV cache built with block_summaries) and
+  // the blocks read so far (reset with reset_op_seconds).
+  Status set_sparse_attention(const SparseAttentionConfig& c);
+  const SparseCounters& sparse_counters() const { return sparse_.counters(); }
+
  private:
   struct Scratch;
   void forward(ParallelContext& pc, const std::vector<StepSequence>& batch, float* logits);
@@ -122,6 +134,7 @@ class Engine {
   KVCache kv_;
   ThreadPool pool_;
   std::unique_ptr<Scratch> scratch_;
+  BlockSparseDecode sparse_;
   double op_seconds_[kNumOpKinds] = {};
   int64_t steps_run_ = 0;
   int64_t tokens_run_ = 0;
