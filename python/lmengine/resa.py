@@ -17,6 +17,7 @@ batch mixes sequences at different points of their cycle.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -140,13 +141,18 @@ def decode_teacher_forced(engine, seq: int, ids: np.ndarray, start: int, cycle: 
 
 
 def logits_by_mode(
-    llm, token_ids, prefill: int, modes: list[tuple[str, ReSAConfig | None]]
+    llm,
+    token_ids,
+    prefill: int,
+    modes: list[tuple[str, ReSAConfig | None]],
+    stats: list[dict] | None = None,
 ) -> list[np.ndarray]:
     """Teacher-forced logits of ``ids[prefill:]`` under each ``(attention, ReSAConfig)`` of
     ``modes``, as ``llm.logits(ids, prefill)`` gives them, sharing one prefill: after each mode the
     sequence is truncated back to the prompt (decoding writes only positions >= prefill, and
     truncation refreshes the summary of the block it cuts). For quality tests and benchmarks;
-    the LLM's own mode is restored afterwards."""
+    the LLM's own mode is restored afterwards. ``stats``, if given, receives per mode the
+    engine's sparse counters accumulated by its decodes and their wall seconds."""
     ids = llm._check_ids(token_ids)
     if not 1 <= prefill < len(ids):
         raise InvalidRequestError(f"prefill must be in [1, {len(ids) - 1}], got {prefill}")
@@ -159,7 +165,12 @@ def logits_by_mode(
         for attention, config in modes:
             llm.set_attention(attention, config)
             cycle = ReSACycle(attention, llm.resa)
+            before, t0 = engine.sparse_counters(), time.perf_counter()
             out.append(np.concatenate(decode_teacher_forced(engine, seq, ids, prefill, cycle)))
+            if stats is not None:
+                after = engine.sparse_counters()
+                delta = {key: after[key] - before[key] for key in after}
+                stats.append({**delta, "seconds": time.perf_counter() - t0})
             engine.seq_truncate(seq, prefill)
         return out
     finally:
