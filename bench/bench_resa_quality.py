@@ -105,10 +105,13 @@ def main() -> int:
         (mode, ReSAConfig(keep=keep or 0.1, n_min=args.n_min, rectify_every=f or 32))
         for mode, keep, f in configs
     ]
-    # Validate before timing: dense through the shared-prefill path equals LLM.logits.
-    check = llm.logits(ids[: args.prefill + 4], prefill=args.prefill)[args.prefill :]
-    first = logits_by_mode(llm, ids[: args.prefill + 4], args.prefill, [modes[0]])[0]
-    assert np.array_equal(check, first), "shared-prefill path differs from LLM.logits"
+    # Validate first, on a short prefix: the shared-prefill path gives LLM.logits's rows.
+    short = ids[:300]
+    for attention, cfg in (modes[0], modes[4]):  # dense; resa keep 0.05, f 16
+        llm.set_attention(attention, cfg)
+        check = llm.logits(short, prefill=270)[270:]
+        first = logits_by_mode(llm, short, 270, [(attention, cfg)])[0]
+        assert np.array_equal(check, first), f"shared-prefill path differs for {attention}"
 
     rows = []
     t0 = time.perf_counter()

@@ -283,8 +283,10 @@ class Scheduler:
             np.asarray(s.tokens[s.n_computed : s.n_computed + plan[s]], dtype=np.int32)
             for s in seqs
         ]
+        # Dense schedulers keep the 3-argument step, so any engine-like object works.
+        extra = (sparse,) if self.attention != "dense" else ()
         try:
-            logits = self.engine.step([s.seq for s in seqs], chunks, [False] * len(seqs), sparse)
+            logits = self.engine.step([s.seq for s in seqs], chunks, [False] * len(seqs), *extra)
         except KVCacheFullError:
             # Pages taken since planning by sequences this scheduler does not own. The failed
             # step changed nothing: make room from the young end and plan again next step.
