@@ -99,6 +99,47 @@ struct CudaDecodeAttentionArgs {
 int64_t cuda_attention_decode_workspace_bytes(const CudaDecodeAttentionArgs& args);
 int cuda_attention_decode(const CudaDecodeAttentionArgs& args, void* stream);
 
+// Block-sparse decode attention (ReSA; the CPU twin is cpp/lmengine/attention_sparse.h): for
+// each sequence (one query token at position seq_lens[s] - 1) and KV head, selects blocks (= KV
+// pages) from the key min/max summaries and attends over those only. Selection: q̄ = scale *
+// mean of the group's queries, block score sum_d max(q̄_d kmin_d, q̄_d kmax_d); of the M blocks of
+// the sequence keep n = max(ceil(M * keep), min(M, n_min)), at least the first n_sink and the last
+// n_local, the rest by score (ties: lower block first). No sliding window. Outputs, besides out:
+// the kept blocks of (s, h), ascending, at selected[(s * n_kv_heads + h) * max_blocks ...] and
+// their count at n_selected[s * n_kv_heads + h], max_blocks = ceil(max_seq_len / page_size).
+struct CudaSparseDecodeArgs {
+  const float* q = nullptr;  // [n_seqs, n_q_heads, head_dim]
+  float* out = nullptr;      // [n_seqs, n_q_heads, head_dim]
+  const void* k_pool = nullptr;  // as CudaDecodeAttentionArgs
+  const void* v_pool = nullptr;
+  int32_t kv_dtype = 0;
+  const float* summaries = nullptr;  // [n_pages][n_layers][n_kv_heads][2][head_dim]: min, max
+  const int32_t* page_table = nullptr;  // [n_seqs, page_table_stride]
+  int64_t page_table_stride = 0;
+  const int32_t* seq_lens = nullptr;  // [n_seqs], in [1, max_seq_len]
+  int32_t n_seqs = 0;
+  int32_t n_q_heads = 0;
+  int32_t n_kv_heads = 0;
+  int32_t head_dim = 0;  // a multiple of 32, <= 256
+  int32_t page_size = 0;
+  int32_t n_layers = 0;
+  int32_t layer = 0;
+  int32_t max_seq_len = 0;
+  float scale = 0.f;
+  double keep = 0.1;
+  int32_t n_min = 16;
+  int32_t n_local = 1;
+  int32_t n_sink = 0;
+  int32_t n_splits = 0;            // splits of each kept list (0: fill the GPU), <= 32
+  int32_t* selected = nullptr;     // [n_seqs, n_kv_heads, max_blocks]
+  int32_t* n_selected = nullptr;   // [n_seqs, n_kv_heads]
+  void* workspace = nullptr;       // cuda_attention_sparse_workspace_bytes(args) bytes
+  int64_t workspace_bytes = 0;
+};
+
+int64_t cuda_attention_sparse_workspace_bytes(const CudaSparseDecodeArgs& args);
+int cuda_attention_sparse_decode(const CudaSparseDecodeArgs& args, void* stream);
+
 // Dequantizing GEMV: y[t, r] = sum_i W[r, i] * x[t, i], fp32 accumulation, for t < n_tokens.
 // W: rows rows of k elements in a GGML weight format (quant.h DType), w_row_stride bytes apart,
 // 16-byte aligned base; x: [n_tokens, k] fp32; y: [n_tokens, rows] fp32. k must be a multiple of

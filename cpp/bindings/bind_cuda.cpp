@@ -272,6 +272,121 @@ py::object attention_decode(const py::array& q, const py::array& k_pool, const p
   return with_time(out, iters, ms);
 }
 
+// Block-sparse decode attention (ReSA) as cuda_attention_sparse_decode: returns (out, selected,
+// n_selected) [+ ms], selected int32[S, Hkv, ceil(max(seq_lens) / page_size)] (the first
+// n_selected[s, h] entries valid).
+py::object attention_sparse_decode(const py::array& q, const py::array& k_pool, const py::array& v_pool,
+                                   const py::array& summaries, const py::array& page_table,
+                                   const py::array& seq_lens, int layer, float scale, double keep, int n_min,
+                                   int n_local, int n_sink, int n_splits, int iters) {
+  check_array(q, py::dtype::of<float>(), 3, "q");
+  const int32_t kv_dtype = kv_dtype_of(k_pool);
+  check_array(k_pool, k_pool.dtype(), 5, "k_pool");
+  check_array(v_pool, k_pool.dtype(), 5, "v_pool");
+  check_array(summaries, py::dtype::of<float>(), 5, "summaries");
+  check_array(page_table, py::dtype::of<int32_t>(), 2, "page_table");
+  check_array(seq_lens, py::dtype::of<int32_t>(), 1, "seq_lens");
+  const int64_t n_seqs = q.shape(0), n_q_heads = q.shape(1), head_dim = q.shape(2);
+  const int64_t n_pages = k_pool.shape(0), n_layers = k_pool.shape(1), n_kv_heads = k_pool.shape(2);
+  const int64_t page_size = k_pool.shape(4);
+  check_dim(k_pool, 3, head_dim, "k_pool");
+  for (int axis = 0; axis < 3; ++axis) {
+    check_dim(v_pool, axis, k_pool.shape(axis), "v_pool");
+    check_dim(summaries, axis, k_pool.shape(axis), "summaries");
+  }
+  check_dim(v_pool, 3, page_size, "v_pool");
+  check_dim(v_pool, 4, head_dim, "v_pool");
+  check_dim(summaries, 3, 2, "summaries");
+  check_dim(summaries, 4, head_dim, "summaries");
+  check_dim(page_table, 0, n_seqs, "page_table");
+  check_dim(seq_lens, 0, n_seqs, "seq_lens");
+  if (head_dim < 32 || head_dim > 256 || head_dim % 32 != 0)
+    throw py::value_error("head_dim must be a multiple of 32 in [32, 256]");
+  if (n_kv_heads == 0 || n_q_heads % n_kv_heads != 0 || n_q_heads / n_kv_heads > 32)
+    throw py::value_error("n_q_heads must be a multiple of n_kv_heads, at most 32 times it");
+  if (page_size == 0 || n_layers == 0) throw py::value_error("KV pools need page_size > 0 and n_layers > 0");
+  if (layer < 0 || layer >= n_layers) throw py::value_error("layer out of range");
+  if (!(keep > 0.0 && keep <= 1.0)) throw py::value_error("keep must be in (0, 1]");
+  if (n_min < 0 || n_local < 0 || n_sink < 0) throw py::value_error("n_min, n_local and n_sink must be >= 0");
+  if (n_splits < 0 || n_splits > 32) throw py::value_error("n_splits must be in [0, 32]");
+  if (!std::isfinite(scale)) throw py::value_error("scale must be finite");
+  if (n_seqs < 1 || n_seqs > 65535 || n_kv_heads > 65535 || n_pages > INT32_MAX)
+    throw py::value_error("need 1 to 65535 sequences and heads");
+  check_iters(iters);
+  const int64_t max_pages = page_table.shape(1);
+  const int32_t* lens = static_cast<const int32_t*>(seq_lens.data());
+  const int32_t* table = static_cast<const int32_t*>(page_table.data());
+  int32_t max_len = 0;
+  for (int64_t s = 0; s < n_seqs; ++s) {
+    if (lens[s] < 1 || lens[s] > max_pages * page_size) {
+      throw py::value_error("seq_lens[" + std::to_string(s) + "] = " + std::to_string(lens[s]) +
+                            " is outside [1, page_table.shape[1] * page_size]");
+    }
+    max_len = std::max(max_len, lens[s]);
+    for (int64_t i = 0; i < (lens[s] + page_size - 1) / page_size; ++i) {
+      const int32_t page = table[s * max_pages + i];
+      if (page < 0 || page >= n_pages) {
+        throw py::value_error("page_table[" + std::to_string(s) + ", " + std::to_string(i) + "] = " +
+                              std::to_string(page) + " is not a page of the pool");
+      }
+    }
+  }
+  require_device();
+
+  lme::CudaSparseDecodeArgs a;
+  a.kv_dtype = kv_dtype;
+  a.page_table_stride = max_pages;
+  a.n_seqs = static_cast<int32_t>(n_seqs);
+  a.n_q_heads = static_cast<int32_t>(n_q_heads);
+  a.n_kv_heads = static_cast<int32_t>(n_kv_heads);
+  a.head_dim = static_cast<int32_t>(head_dim);
+  a.page_size = static_cast<int32_t>(page_size);
+  a.n_layers = static_cast<int32_t>(n_layers);
+  a.layer = layer;
+  a.max_seq_len = max_len;
+  a.scale = scale;
+  a.keep = keep;
+  a.n_min = n_min;
+  a.n_local = n_local;
+  a.n_sink = n_sink;
+  a.n_splits = n_splits;
+  const int64_t max_blocks = (max_len + page_size - 1) / page_size;
+
+  py::array_t<float> out({n_seqs, n_q_heads, head_dim});
+  py::array_t<int32_t> selected({n_seqs, n_kv_heads, max_blocks});
+  py::array_t<int32_t> n_selected({n_seqs, n_kv_heads});
+  float ms = 0.f;
+  {
+    py::gil_scoped_release release;
+    const int64_t workspace_bytes = lme::cuda_attention_sparse_workspace_bytes(a);
+    if (workspace_bytes < 0) check_status(lme::kCudaInvalidArgument);
+    const DeviceBuffer dq(q.data(), nbytes(q)), dk(k_pool.data(), nbytes(k_pool)),
+        dv(v_pool.data(), nbytes(v_pool)), dsum(summaries.data(), nbytes(summaries)),
+        dtable(page_table.data(), nbytes(page_table)), dlens(seq_lens.data(), nbytes(seq_lens)),
+        dout(nbytes(q)), dsel(static_cast<size_t>(nbytes(selected))), dnsel(static_cast<size_t>(nbytes(n_selected))),
+        dwork(static_cast<size_t>(workspace_bytes));
+    a.q = dq.as<float>();
+    a.out = dout.as<float>();
+    a.k_pool = dk.as<void>();
+    a.v_pool = dv.as<void>();
+    a.summaries = dsum.as<float>();
+    a.page_table = dtable.as<int32_t>();
+    a.seq_lens = dlens.as<int32_t>();
+    a.selected = dsel.as<int32_t>();
+    a.n_selected = dnsel.as<int32_t>();
+    a.workspace = dwork.as<void>();
+    a.workspace_bytes = workspace_bytes;
+    auto launch = [&] { return lme::cuda_attention_sparse_decode(a, nullptr); };
+    check_status(launch());
+    dout.copy_to_host(out.mutable_data());
+    dsel.copy_to_host(selected.mutable_data());
+    dnsel.copy_to_host(n_selected.mutable_data());
+    if (iters > 0) ms = time_launches(launch, iters);
+  }
+  if (iters > 0) return py::make_tuple(out, selected, n_selected, ms);
+  return py::make_tuple(out, selected, n_selected);
+}
+
 // Y[T, rows] = X[T, k] @ W[rows, k]^T with W in a GGML weight format, as _core.quant_matmul.
 py::object gemv(int64_t ggml_type, const py::array& weights, int64_t k, const py::array& x,
                 int iters) {
@@ -353,6 +468,14 @@ void bind_cuda(py::module_& m) {
       " of float32 | float16 | uint16 (bf16 bits), page_table: int32[S, max_pages],"
       " seq_lens: int32[S], layer, scale, sliding_window=0, split_tokens=0 (auto), iters=0)"
       " -> float32[S, Hq, D]");
+  cuda.def("attention_sparse_decode", &attention_sparse_decode, py::arg("q"), py::arg("k_pool"),
+           py::arg("v_pool"), py::arg("summaries"), py::arg("page_table"), py::arg("seq_lens"), py::arg("layer"),
+           py::arg("scale"), py::arg("keep"), py::arg("n_min"), py::arg("n_local"), py::arg("n_sink"),
+           py::arg("n_splits") = 0, py::arg("iters") = 0,
+           "attention_sparse_decode(q: float32[S, Hq, D], k_pool, v_pool (as attention_decode), summaries:"
+           " float32[pages, layers, Hkv, 2, D] (key min, max per page), page_table: int32[S, max_pages],"
+           " seq_lens: int32[S] (>= 1), layer, scale, keep, n_min, n_local, n_sink, n_splits=0 (auto), iters=0)"
+           " -> (out float32[S, Hq, D], selected int32[S, Hkv, max_blocks], n_selected int32[S, Hkv])");
   cuda.def("gemv", &gemv, py::arg("ggml_type"), py::arg("weights"), py::arg("k"), py::arg("x"),
            py::arg("iters") = 0,
            "gemv(ggml_type, weights: uint8[rows, row_bytes], k, x: float32[T, k], iters=0)"

@@ -6,6 +6,7 @@
 
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -13,6 +14,7 @@
 #include "bind_moe.h"
 #include "errors.h"
 #include "lmengine/model.h"
+#include "lmengine/ops.h"
 
 namespace py = pybind11;
 using lme_py::raise_error;
@@ -40,7 +42,7 @@ T cfg_get_or(const py::dict& cfg, const char* key, T fallback) {
 class PyEngine {
  public:
   PyEngine(const py::dict& cfg, const py::dict& tensors, int64_t kv_pages, int32_t page_size,
-           const std::string& kv_dtype, int n_threads) {
+           const std::string& kv_dtype, int n_threads, bool block_summaries) {
     lme::ModelConfig c;
     c.n_layers = cfg_get<int32_t>(cfg, "n_layers");
     c.d_model = cfg_get<int32_t>(cfg, "d_model");
@@ -161,6 +163,7 @@ class PyEngine {
     kc.head_dim = c.head_dim;
     kc.page_size = page_size;
     kc.n_pages = kv_pages;
+    kc.block_summaries = block_summaries;
     if (kv_dtype == "f32") {
       kc.dtype = lme::KVDType::F32;
     } else if (kv_dtype == "f16") {
@@ -199,9 +202,12 @@ class PyEngine {
   }
 
   py::array_t<float> step(const std::vector<int32_t>& seq_ids, const py::list& tokens,
-                          const std::vector<bool>& all_logits) {
+                          const std::vector<bool>& all_logits, const std::optional<std::vector<bool>>& sparse) {
     if (seq_ids.size() != tokens.size() || seq_ids.size() != all_logits.size()) {
       raise_error("InvalidRequestError", "seq_ids, tokens and all_logits must have the same length");
+    }
+    if (sparse && sparse->size() != seq_ids.size()) {
+      raise_error("InvalidRequestError", "sparse must have one entry per sequence");
     }
     std::vector<py::array_t<int32_t, py::array::c_style | py::array::forcecast>> arrays;
     std::vector<lme::StepSequence> batch(seq_ids.size());
@@ -219,6 +225,7 @@ class PyEngine {
       batch[i].tokens = a.data();
       batch[i].n_tokens = static_cast<int32_t>(a.size());
       batch[i].all_logits = all_logits[i];
+      batch[i].sparse = sparse && (*sparse)[i];
       arrays.push_back(std::move(a));
     }
     const int64_t rows = lme::Engine::output_rows(batch);
@@ -240,6 +247,29 @@ class PyEngine {
     for (int k = 0; k < lme::kNumOpKinds; ++k) d[lme::op_kind_name(k)] = engine_->op_seconds()[k];
     d["steps"] = engine_->steps_run();
     d["tokens"] = engine_->tokens_run();
+    return d;
+  }
+  void set_sparse_attention(double keep, int32_t n_min, int32_t n_local, int32_t n_sink) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    lme::SparseAttentionConfig c;
+    c.keep = keep;
+    c.n_min = n_min;
+    c.n_local = n_local;
+    c.n_sink = n_sink;
+    raise_if_error(engine_->set_sparse_attention(c));
+  }
+  py::dict sparse_counters() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const lme::SparseCounters& c = engine_->sparse_counters();
+    const lme::KVCache& kv = engine_->kv();
+    py::dict d;
+    d["tokens"] = c.tokens;
+    d["blocks_candidate"] = c.blocks_candidate;
+    d["blocks_selected"] = c.blocks_selected;
+    // Bytes the sparse tokens' attention read (selected K+V blocks and every candidate's summary)
+    // and what dense attention would have read for the same tokens.
+    d["kv_bytes_read"] = c.blocks_selected * 2 * kv.block_bytes() + c.blocks_candidate * kv.summary_bytes();
+    d["kv_bytes_dense"] = c.blocks_candidate * 2 * kv.block_bytes();
     return d;
   }
   void reset_op_seconds() {
@@ -284,6 +314,50 @@ class PyEngine {
     return engine_->moe_stats().passes;
   }
 
+  // Copies of what the cache holds for one layer of a sequence, for tests: K and V as fp32
+  // [length, n_kv_heads, head_dim], and the block summaries [n_blocks, n_kv_heads, 2, head_dim].
+  py::tuple read_kv(int32_t seq, int32_t layer) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    check_seq(seq);
+    lme::KVCache& kv = engine_->kv();
+    const lme::KVCacheConfig& c = kv.config();
+    if (layer < 0 || layer >= c.n_layers) raise_error("InvalidRequestError", "layer out of range");
+    const int64_t L = kv.seq_length(seq), H = c.n_kv_heads, D = c.head_dim, ps = c.page_size;
+    py::array_t<float> k({L, H, D}), v({L, H, D});
+    std::vector<float> block(ps * D);
+    for (int64_t b = 0; b * ps < L; ++b) {
+      const int32_t page = kv.seq_pages(seq)[b];
+      for (int64_t h = 0; h < H; ++h) {
+        lme::kv_to_f32(static_cast<int32_t>(c.dtype), kv.k_block(page, layer, h), block.data(), ps * D);
+        for (int64_t j = 0; j < ps && b * ps + j < L; ++j) {
+          for (int64_t d = 0; d < D; ++d) k.mutable_data()[((b * ps + j) * H + h) * D + d] = block[d * ps + j];
+        }
+        lme::kv_to_f32(static_cast<int32_t>(c.dtype), kv.v_block(page, layer, h), block.data(), ps * D);
+        for (int64_t j = 0; j < ps && b * ps + j < L; ++j) {
+          std::copy(&block[j * D], &block[j * D] + D, v.mutable_data() + ((b * ps + j) * H + h) * D);
+        }
+      }
+    }
+    return py::make_tuple(k, v);
+  }
+  py::array_t<float> read_block_summaries(int32_t seq, int32_t layer) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    check_seq(seq);
+    lme::KVCache& kv = engine_->kv();
+    const lme::KVCacheConfig& c = kv.config();
+    if (!c.block_summaries) raise_error("InvalidRequestError", "this engine keeps no block summaries");
+    if (layer < 0 || layer >= c.n_layers) raise_error("InvalidRequestError", "layer out of range");
+    const int64_t n = kv.pages_for(kv.seq_length(seq)), H = c.n_kv_heads, D = c.head_dim;
+    py::array_t<float> out({n, H, int64_t(2), D});
+    for (int64_t b = 0; b < n; ++b) {
+      for (int64_t h = 0; h < H; ++h) {
+        const float* s = kv.block_summary(kv.seq_pages(seq)[b], layer, static_cast<int32_t>(h));
+        std::copy(s, s + 2 * D, out.mutable_data() + (b * H + h) * 2 * D);
+      }
+    }
+    return out;
+  }
+
   int64_t free_pages() {
     std::lock_guard<std::mutex> lock(mutex_);
     return engine_->kv().free_pages();
@@ -311,16 +385,23 @@ class PyEngine {
 
 void bind_engine(py::module_& m) {
   py::class_<PyEngine>(m, "Engine")
-      .def(py::init<const py::dict&, const py::dict&, int64_t, int32_t, const std::string&, int>(),
+      .def(py::init<const py::dict&, const py::dict&, int64_t, int32_t, const std::string&, int, bool>(),
            py::arg("config"), py::arg("tensors"), py::arg("kv_pages"), py::arg("page_size") = 16,
-           py::arg("kv_dtype") = "f32", py::arg("n_threads") = 1)
+           py::arg("kv_dtype") = "f32", py::arg("n_threads") = 1, py::arg("block_summaries") = false)
       .def("seq_create", &PyEngine::seq_create)
       .def("seq_free", &PyEngine::seq_free)
       .def("seq_length", &PyEngine::seq_length)
       .def("seq_truncate", &PyEngine::seq_truncate)
       .def("step", &PyEngine::step, py::arg("seq_ids"), py::arg("tokens"), py::arg("all_logits"),
+           py::arg("sparse") = py::none(),
            "Appends each tokens[i] to sequence seq_ids[i] and returns logits, float32 "
-           "[rows, vocab]: every new position where all_logits[i], else the last one.")
+           "[rows, vocab]: every new position where all_logits[i], else the last one. sparse[i]: "
+           "a one-token chunk attends block-sparsely (engine built with block_summaries).")
+      .def("set_sparse_attention", &PyEngine::set_sparse_attention, py::arg("keep"), py::arg("n_min"),
+           py::arg("n_local"), py::arg("n_sink"), "Block selection parameters of sparse decode tokens.")
+      .def("sparse_counters", &PyEngine::sparse_counters,
+           "Sparse decode tokens, candidate and selected blocks (per token, layer and KV head) and "
+           "the KV bytes they read vs dense, since the last reset_op_seconds.")
       .def("op_seconds", &PyEngine::op_seconds,
            "Wall seconds per op kind accumulated since the last reset, with steps and tokens.")
       .def("reset_op_seconds", &PyEngine::reset_op_seconds)
@@ -336,6 +417,10 @@ void bind_engine(py::module_& m) {
       .def("reset_expert_counts", &PyEngine::reset_expert_counts)
       .def_property_readonly("expert_passes", &PyEngine::expert_passes,
                              "Steps accumulated in expert_counts() since the reset.")
+      .def("read_kv", &PyEngine::read_kv, py::arg("seq"), py::arg("layer"),
+           "(K, V) of one layer of a sequence as float32 [length, n_kv_heads, head_dim] copies.")
+      .def("read_block_summaries", &PyEngine::read_block_summaries, py::arg("seq"), py::arg("layer"),
+           "Key min/max per block: float32 [n_blocks, n_kv_heads, 2, head_dim] copy.")
       .def_property_readonly("free_pages", &PyEngine::free_pages)
       .def_property_readonly("total_pages", &PyEngine::total_pages)
       .def_property_readonly("page_size", &PyEngine::page_size)

@@ -12,6 +12,7 @@ void bind_cuda(py::module_& m);
 void bind_kernels(py::module_& m);
 void bind_counters(py::module_& m);
 void bind_moe(py::module_& m);
+void bind_kernels_sparse(py::module_& m);
 
 #ifndef LMENGINE_VERSION
 #define LMENGINE_VERSION "dev"
@@ -50,4 +51,5 @@ PYBIND11_MODULE(_core, m) {
   bind_kernels(m);
   bind_counters(m);
   bind_moe(m);  // adds to m.kernels
+  bind_kernels_sparse(m);
 }

@@ -248,6 +248,7 @@ void PassCounters::begin_pass(const std::vector<StepSequence>& batch, const KVCa
     r.n_tokens += s.n_tokens;
     r.n_output_rows += s.all_logits ? s.n_tokens : 1;
     if (s.n_tokens == 1 && start > 0) ++n_decode;
+    if (s.sparse && s.n_tokens == 1) continue;  // block-sparse: add_block_sparse_attention
     dense_attention_terms_add(attn_shape_, start, s.n_tokens, &attn);
   }
   r.mode = static_cast<int32_t>(n_decode == r.n_sequences ? PassMode::kDecode
@@ -273,6 +274,23 @@ void PassCounters::replace_attention(const AttentionTerms& t) {
   cur_.kv_bytes_written = t.kv_bytes_written;
   cur_.flops[kFlopAttnScores] = t.flops;
   cur_.attention_blocks_selected = t.blocks_selected;
+}
+
+void PassCounters::add_block_sparse_attention(int64_t n_tokens, int64_t blocks_selected,
+                                              int64_t summaries_scored, int64_t summary_bytes) {
+  const int64_t L = attn_shape_.n_layers;
+  if (L <= 0 || n_tokens <= 0) return;
+  sparse_selected_.assign(static_cast<size_t>(L), blocks_selected / L);
+  sparse_scored_.assign(static_cast<size_t>(L), summaries_scored / L);
+  const AttentionTerms t = block_sparse_attention_terms(attn_shape_, n_tokens, sparse_selected_.data(),
+                                                        sparse_scored_.data(), summary_bytes);
+  cur_.context_attended += t.context_attended;
+  cur_.context_unique += t.context_unique;
+  cur_.kv_bytes_read += t.kv_bytes_read;
+  cur_.kv_bytes_unique += t.kv_bytes_unique;
+  cur_.kv_bytes_written += t.kv_bytes_written;
+  cur_.flops[kFlopAttnScores] += t.flops;
+  cur_.attention_blocks_selected += t.blocks_selected;
 }
 
 void PassCounters::add_moe_layer(const MoeLayerTerms& t) {

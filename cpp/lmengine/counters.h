@@ -164,6 +164,11 @@ class PassCounters {
   // routed per expert (rows of dense layers are ignored).
   void add_moe_pass(const int64_t* expert_counts, int64_t n_tokens);
   void replace_attention(const AttentionTerms& t);
+  // Adds the attention of the pass's block-sparse decode tokens (begin_pass counts dense tokens
+  // only): blocks selected and candidate summaries scored, summed over tokens, layers and KV
+  // heads (the same count in every layer).
+  void add_block_sparse_attention(int64_t n_tokens, int64_t blocks_selected, int64_t summaries_scored,
+                                  int64_t summary_bytes);
   // After the forward pass: stamps the wall time and commits the record.
   void end_pass();
 
@@ -185,7 +190,8 @@ class PassCounters {
   double embed_row_bytes_ = 0;
   std::vector<std::pair<int32_t, MoeLayerShape>> moe_layers_;  // (layer, shape) of MoE layers
   int32_t moe_n_experts_ = 0;
-  std::vector<int32_t> moe_hits_;  // one layer's histogram, converted for moe_layer_terms
+  std::vector<int32_t> moe_hits_;
+  std::vector<int64_t> sparse_selected_, sparse_scored_;  // per layer, for one pass  // one layer's histogram, converted for moe_layer_terms
   int embed_slot_ = 0;
   std::vector<PassRecord> ring_;
   int64_t count_ = 0;   // passes committed since the last clear

@@ -2,6 +2,8 @@
 
 #include <string>
 
+#include "lmengine/kv_summaries.h"
+
 namespace lme {
 
 int64_t kv_dtype_bytes(KVDType t) { return t == KVDType::F32 ? 4 : 2; }
@@ -12,6 +14,10 @@ KVCache::KVCache(const KVCacheConfig& config)
   const int64_t bytes = config_.n_pages * config_.n_layers * config_.n_kv_heads * block_bytes();
   k_pool_.reset(static_cast<uint8_t*>(std::calloc(static_cast<size_t>(bytes), 1)));
   v_pool_.reset(static_cast<uint8_t*>(std::calloc(static_cast<size_t>(bytes), 1)));
+  if (config_.block_summaries) {
+    const int64_t n = config_.n_pages * config_.n_layers * config_.n_kv_heads * 2 * config_.head_dim;
+    summary_pool_.reset(static_cast<float*>(std::calloc(static_cast<size_t>(n), sizeof(float))));
+  }
   free_list_.reserve(static_cast<size_t>(config_.n_pages));
   // Hand out low page numbers first: pop_back takes from the end.
   for (int64_t p = config_.n_pages - 1; p >= 0; --p) free_list_.push_back(static_cast<int32_t>(p));
@@ -78,6 +84,10 @@ Status KVCache::seq_truncate(int32_t seq, int64_t length) {
     s.pages.pop_back();
   }
   s.length = length;
+  // The new last block may now end mid-page: its summary must forget the dropped keys.
+  if (config_.block_summaries && length % config_.page_size != 0) {
+    return kv_summaries_update(*this, seq, -1, length - 1, length);
+  }
   return Status::Ok();
 }
 

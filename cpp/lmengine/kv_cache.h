@@ -8,6 +8,9 @@
 //                                                          page_size-wide vector FMAs)
 //   V: [page][layer][kv_head][slot in page][head_dim]
 // so one (page, layer, head) block is page_size * head_dim contiguous elements.
+// With block_summaries, a third pool holds per (page, layer, head) the element-wise min and max of
+// the page's valid keys, fp32 [page][layer][kv_head][2][head_dim] (min row, then max row), for
+// block-sparse attention's selection (kv_summaries.h keeps it up to date).
 #pragma once
 
 #include <cstdint>
@@ -30,6 +33,7 @@ struct KVCacheConfig {
   int32_t page_size = 16;
   int64_t n_pages = 0;
   KVDType dtype = KVDType::F32;
+  bool block_summaries = false;
 };
 
 class KVCache {
@@ -38,8 +42,12 @@ class KVCache {
 
   const KVCacheConfig& config() const { return config_; }
   // False when the pool could not be allocated (the caller must not use this cache).
-  bool allocated() const { return k_pool_ != nullptr && v_pool_ != nullptr; }
-  int64_t pool_bytes() const { return 2 * config_.n_pages * config_.n_layers * config_.n_kv_heads * block_bytes(); }
+  bool allocated() const {
+    return k_pool_ != nullptr && v_pool_ != nullptr && (!config_.block_summaries || summary_pool_ != nullptr);
+  }
+  int64_t pool_bytes() const {
+    return config_.n_pages * config_.n_layers * config_.n_kv_heads * (2 * block_bytes() + summary_bytes());
+  }
   int64_t free_pages() const { return static_cast<int64_t>(free_list_.size()); }
   int64_t total_pages() const { return config_.n_pages; }
   int64_t pages_for(int64_t n_tokens) const {
@@ -66,6 +74,14 @@ class KVCache {
     return v_pool_.get() + block_offset(page, layer, head);
   }
   int64_t block_bytes() const { return block_elems_ * kv_dtype_bytes(config_.dtype); }
+  // Min/max summary of the (page, layer, head) block: [2][head_dim] fp32; null without summaries.
+  float* block_summary(int32_t page, int32_t layer, int32_t head) {
+    if (summary_pool_ == nullptr) return nullptr;
+    return summary_pool_.get() +
+           ((static_cast<int64_t>(page) * config_.n_layers + layer) * config_.n_kv_heads + head) * 2 *
+               config_.head_dim;
+  }
+  int64_t summary_bytes() const { return config_.block_summaries ? 2 * config_.head_dim * 4 : 0; }
 
  private:
   struct SeqState {
@@ -84,6 +100,7 @@ class KVCache {
   // not with the pool's size.
   std::unique_ptr<uint8_t, void (*)(void*)> k_pool_{nullptr, std::free};
   std::unique_ptr<uint8_t, void (*)(void*)> v_pool_{nullptr, std::free};
+  std::unique_ptr<float, void (*)(void*)> summary_pool_{nullptr, std::free};
   std::vector<int32_t> free_list_;
   std::vector<SeqState> seqs_;
   std::vector<int32_t> free_seq_ids_;

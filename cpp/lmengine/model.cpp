@@ -152,7 +152,9 @@ Engine::Engine(ModelConfig config, ModelWeights weights, const KVCacheConfig& kv
       weights_(std::move(weights)),
       kv_(kv_config),
       pool_(n_threads),
-      scratch_(new Scratch) {
+      scratch_(new Scratch),
+      sparse_(config_.n_layers, config_.n_kv_heads, config_.n_heads / std::max(1, config_.n_kv_heads),
+              config_.head_dim, kv_config.page_size) {
   if (config_.attn_scale <= 0.f) config_.attn_scale = 1.0f / std::sqrt(static_cast<float>(config_.head_dim));
   counters_.configure(config_, weights_, kv_config);
   moe_stats_.init(config_.n_layers, config_.moe.n_experts);
@@ -162,7 +164,8 @@ Engine::~Engine() = default;
 
 const char* op_kind_name(int kind) {
   static const char* const names[kNumOpKinds] = {"embed",     "norm_quant", "matmul_attn", "rope_kv",
-                                                 "attention", "matmul_ffn", "activation",  "lm_head"};
+                                                 "attention", "matmul_ffn", "activation",  "lm_head",
+                                                 "block_summary", "sparse_select", "sparse_attention"};
   return kind >= 0 && kind < kNumOpKinds ? names[kind] : "unknown";
 }
 
@@ -170,6 +173,16 @@ void Engine::reset_op_seconds() {
   for (double& s : op_seconds_) s = 0.0;
   steps_run_ = 0;
   tokens_run_ = 0;
+  sparse_.reset_counters();
+}
+
+Status Engine::set_sparse_attention(const SparseAttentionConfig& c) {
+  if (!kv_.config().block_summaries) {
+    return Status::Error(StatusCode::kInvalidArgument, "sparse attention needs a KV cache built with block summaries");
+  }
+  Status s = sparse_config_validate(c);
+  if (s.ok()) sparse_.set_config(c);
+  return s;
 }
 
 int64_t Engine::output_rows(const std::vector<StepSequence>& batch) {
@@ -256,6 +269,10 @@ Status Engine::step(const std::vector<StepSequence>& batch, float* logits) {
     if (s.n_tokens <= 0 || s.tokens == nullptr) {
       return Status::Error(StatusCode::kInvalidArgument, "sequence " + std::to_string(s.seq) + " has no tokens");
     }
+    if (s.sparse && !kv_.config().block_summaries) {
+      return Status::Error(StatusCode::kInvalidArgument,
+                           "sparse attention needs a KV cache built with block summaries");
+    }
     for (int32_t i = 0; i < s.n_tokens; ++i) {
       if (s.tokens[i] < 0 || s.tokens[i] >= c.vocab_size) {
         return Status::Error(StatusCode::kInvalidArgument,
@@ -288,9 +305,15 @@ Status Engine::step(const std::vector<StepSequence>& batch, float* logits) {
   Scratch& S = *scratch_;
   int64_t t = 0, o = 0;
   const int32_t half = c.head_dim / 2;
+  sparse_.begin_step(n_tokens);
   for (int32_t b = 0; b < static_cast<int32_t>(batch.size()); ++b) {
     const auto& s = batch[b];
     const int64_t start = kv_.seq_length(s.seq);
+    if (kv_.config().block_summaries) sparse_.add_written(s.seq, start, start + s.n_tokens, kv_.config().page_size);
+    if (s.sparse && s.n_tokens == 1) {
+      const int64_t lo = c.sliding_window > 0 ? std::max<int64_t>(0, start - c.sliding_window + 1) : 0;
+      sparse_.add_sparse_token(t, s.seq, lo, start);
+    }
     for (int32_t i = 0; i < s.n_tokens; ++i, ++t) {
       S.tok_pos[t] = static_cast<int32_t>(start + i);
       S.tok_seq[t] = b;
@@ -309,10 +332,21 @@ Status Engine::step(const std::vector<StepSequence>& batch, float* logits) {
       if (s.all_logits || i == s.n_tokens - 1) S.out_tok[o++] = t;
     }
   }
-  // forward() runs 2 + 11 per dense layer ops (MoE layers: 9 + MoEDispatch::kOpsPerLayer); the
-  // bound leaves room to add more.
-  const int64_t max_ops = (16 + MoEDispatch::kOpsPerLayer) * int64_t(c.n_layers) + 16;
+  const SparseCounters sparse_before = sparse_.counters();
+  sparse_.finish_plan(pool_.size());
+  // forward() runs 2 + 11 per dense layer ops, + 4 with sparse attention (MoE layers: 9 +
+  // MoEDispatch::kOpsPerLayer); the bound leaves room to add more.
+  const int64_t max_ops = (20 + MoEDispatch::kOpsPerLayer) * int64_t(c.n_layers) + 16;
   counters_.begin_pass(batch, kv_);
+  if (sparse_.has_sparse_tokens()) {
+    // Block-sparse tokens read their selected blocks and every candidate's summary instead of
+    // the whole context (begin_pass counted only the dense tokens' attention).
+    const SparseCounters& after = sparse_.counters();
+    counters_.add_block_sparse_attention(after.tokens - sparse_before.tokens,
+                                         after.blocks_selected - sparse_before.blocks_selected,
+                                         after.blocks_candidate - sparse_before.blocks_candidate,
+                                         kv_.summary_bytes());
+  }
   pool_.run(
       [&](int tid, int nth) {
         ParallelContext pc(pool_, tid, nth, op_seconds_);
@@ -508,10 +542,22 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
       }
     });
 
+    if (sparse_.has_written()) {
+      pc.set_kind(kOpBlockSummary);
+      sparse_.refresh_summaries(pc, kv_, l);
+    }
+    if (sparse_.has_sparse_tokens()) {
+      pc.set_kind(kOpSparseSelect);
+      sparse_.select(pc, kv_, l, S.q.data(), q_dim, c.attn_scale);
+      pc.set_kind(kOpSparseAttention);
+      sparse_.attend(pc, kv_, l, S.q.data(), q_dim, c.attn_scale, S.attn.data());
+    }
+
     pc.set_kind(kOpAttention);
     // Causal attention over the pages: one work item per (token, KV head) serving its query group.
     pc.for_chunks(T * c.n_kv_heads, 1, [&](int64_t i0, int64_t) {
       const int64_t t = i0 / c.n_kv_heads;
+      if (sparse_.is_sparse(t)) return;
       const int32_t h = static_cast<int32_t>(i0 % c.n_kv_heads);
       const int32_t seq = batch[S.tok_seq[t]].seq;
       const int64_t pos = S.tok_pos[t];

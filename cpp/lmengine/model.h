@@ -10,6 +10,7 @@
 #include <memory>
 #include <vector>
 
+#include "lmengine/attention_sparse.h"
 #include "lmengine/counters.h"
 #include "lmengine/kv_cache.h"
 #include "lmengine/moe_dispatch.h"
@@ -93,6 +94,9 @@ enum OpKind : int {
   kOpMatmulFFN,   // gate, up and down products
   kOpActivation,  // SiLU * up and its conversion
   kOpLMHead,      // final norm + LM head
+  kOpBlockSummary,     // key min/max of the blocks a step wrote (sparse attention enabled)
+  kOpSparseSelect,     // block scores and top-n per sparse decode token and KV head
+  kOpSparseAttention,  // attention over the selected blocks + LSE merge
   kNumOpKinds
 };
 const char* op_kind_name(int kind);
@@ -102,6 +106,9 @@ struct StepSequence {
   const int32_t* tokens = nullptr;
   int32_t n_tokens = 0;
   bool all_logits = false;  // logits for every new token, else only for the last one
+  // A one-token chunk attends block-sparsely (see attention_sparse.h); longer chunks (prompts,
+  // rectification) always attend densely. Needs a cache with block summaries.
+  bool sparse = false;
 };
 
 class Engine {
@@ -130,6 +137,11 @@ class Engine {
   const MoEStats& moe_stats() const { return moe_stats_; }
   void reset_moe_stats() { moe_stats_.reset(); }
 
+  // Block-sparse decoding: selection parameters (needs a KV cache built with block_summaries) and
+  // the blocks read so far (reset with reset_op_seconds).
+  Status set_sparse_attention(const SparseAttentionConfig& c);
+  const SparseCounters& sparse_counters() const { return sparse_.counters(); }
+
  private:
   struct Scratch;
   void forward(ParallelContext& pc, const std::vector<StepSequence>& batch, float* logits);
@@ -140,6 +152,7 @@ class Engine {
   KVCache kv_;
   ThreadPool pool_;
   std::unique_ptr<Scratch> scratch_;
+  BlockSparseDecode sparse_;
   double op_seconds_[kNumOpKinds] = {};
   int64_t steps_run_ = 0;
   int64_t tokens_run_ = 0;

@@ -4,9 +4,18 @@ from lmengine import (
     _core,  # noqa: F401  (fail early if the compiled core is missing)
     errors,
 )
+from lmengine.resa import ReSAConfig
 from lmengine.sampling import SamplingParams
 
-__all__ = ["LLM", "RequestOutput", "SamplingParams", "AsyncEngine", "errors", "__version__"]
+__all__ = [
+    "LLM",
+    "RequestOutput",
+    "SamplingParams",
+    "ReSAConfig",
+    "AsyncEngine",
+    "errors",
+    "__version__",
+]
 __version__ = "0.1.0"
 
 

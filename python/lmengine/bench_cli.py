@@ -52,6 +52,7 @@ def _text_ids(llm, n: int) -> list[int]:
 
 
 def run_quick_bench(args: argparse.Namespace) -> int:
+    from lmengine.cli import _attention_kwargs
     from lmengine.llm import LLM
     from lmengine.sampling import SamplingParams
 
@@ -60,6 +61,7 @@ def run_quick_bench(args: argparse.Namespace) -> int:
         args.model,
         n_threads=args.threads,
         kv_cache_tokens=args.prompt_tokens + args.decode_tokens + 64,
+        **_attention_kwargs(args),
     )
     load_s = time.perf_counter() - t0
     ids = _text_ids(llm, args.prompt_tokens)
@@ -116,6 +118,9 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--reps", type=int, default=3)
+    from lmengine.cli import _add_attention_args
+
+    _add_attention_args(p)
     p.set_defaults(func=run_quick_bench)
     from lmengine.bench.cap_cli import add_cap_parser
 

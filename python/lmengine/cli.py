@@ -20,6 +20,44 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV pool size in positions")
     p.add_argument("--kv-dtype", default="f32", choices=["f32", "f16", "bf16"])
     p.add_argument("--max-context", type=int, default=None)
+    _add_attention_args(p)
+
+
+def _add_attention_args(p: argparse.ArgumentParser) -> None:
+    """--attention and the ReSAConfig fields (see lmengine.resa)."""
+    from lmengine.resa import ATTENTION_MODES, ReSAConfig
+
+    d = ReSAConfig()
+    g = p.add_argument_group("decode attention (ReSA block-sparse decoding)")
+    g.add_argument("--attention", default="dense", choices=ATTENTION_MODES)
+    g.add_argument("--resa-block-size", type=int, default=d.block_size, help="= KV page size")
+    g.add_argument("--resa-keep", type=float, default=d.keep, help="kept fraction of blocks")
+    g.add_argument("--resa-n-min", type=int, default=d.n_min, help="fewest kept blocks")
+    g.add_argument("--resa-n-local", type=int, default=d.n_local, help="last blocks always kept")
+    g.add_argument("--resa-n-sink", type=int, default=d.n_sink, help="first blocks always kept")
+    g.add_argument(
+        "--resa-rectify-every",
+        type=int,
+        default=d.rectify_every,
+        help="f: tokens per rectification",
+    )
+
+
+def _attention_kwargs(args: argparse.Namespace) -> dict:
+    """LLM keyword arguments for the --attention / --resa-* flags."""
+    from lmengine.resa import ReSAConfig
+
+    return {
+        "attention": args.attention,
+        "resa": ReSAConfig(
+            block_size=args.resa_block_size,
+            keep=args.resa_keep,
+            n_min=args.resa_n_min,
+            n_local=args.resa_n_local,
+            n_sink=args.resa_n_sink,
+            rectify_every=args.resa_rectify_every,
+        ),
+    }
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -63,6 +101,7 @@ def _load(args: argparse.Namespace):
         kv_cache_tokens=args.kv_cache_tokens,
         kv_dtype=args.kv_dtype,
         max_context=args.max_context,
+        **_attention_kwargs(args),
     )
     print(
         f"[lmengine] loaded {args.model} in {time.perf_counter() - t0:.2f} s "

@@ -25,6 +25,7 @@ from lmengine.errors import (
     KVCacheFullError,
 )
 from lmengine.models.loader import LoadedCheckpoint, load_checkpoint
+from lmengine.resa import ReSAConfig, ReSACycle, check_attention_mode, decode_teacher_forced
 from lmengine.sampling import Sampler, SamplingParams, StopChecker, end_of_request
 from lmengine.tokenizer import Tokenizer
 
@@ -66,6 +67,7 @@ class _Request:
     stop_reason: str | int | None = None
     t_start: float = 0.0
     t_first: float = 0.0
+    cycle: ReSACycle | None = None
 
 
 def _default_threads() -> int:
@@ -84,6 +86,9 @@ class LLM:
     ``activation_bits=16`` (default) feeds quantized products a value row plus its 8-bit
     rounding residual, which keeps logits within ~1e-3 of an fp32 reference; ``8`` is a single
     8-bit row as llama.cpp does: faster prefill, ~1-3% logit error.
+    ``attention="sparse"|"resa"`` decodes block-sparsely (``resa``: with periodic dense
+    rectification), configured by ``resa=ReSAConfig(...)``; see ``lmengine.resa``. Its block is
+    the KV page: ``page_size`` defaults to ``resa.block_size`` and must equal it.
     """
 
     def __init__(
@@ -94,14 +99,28 @@ class LLM:
         kv_cache_tokens: int | None = None,
         kv_cache_memory: int | None = None,
         kv_dtype: str = "f32",
-        page_size: int = 16,
+        page_size: int | None = None,
         max_context: int | None = None,
         max_step_tokens: int = 512,
         activation_bits: int = 16,
+        attention: str = "dense",
+        resa: ReSAConfig | None = None,
     ):
         from lmengine.registry import resolve_model
 
         t0 = time.perf_counter()
+        self.attention = check_attention_mode(attention)
+        if resa is not None and not isinstance(resa, ReSAConfig):
+            raise InvalidRequestError(f"resa must be a ReSAConfig, got {type(resa).__name__}")
+        self.resa = ReSAConfig() if resa is None else resa
+        sparse_capable = self._sparse_capable = self.attention != "dense"
+        if page_size is None:
+            page_size = self.resa.block_size if sparse_capable else 16
+        elif sparse_capable and page_size != self.resa.block_size:
+            raise InvalidRequestError(
+                f"ReSAConfig.block_size ({self.resa.block_size}) must equal page_size "
+                f"({page_size}): a sparse-attention block is one KV page"
+            )
         self.checkpoint: LoadedCheckpoint = load_checkpoint(resolve_model(model))
         self.spec = self.checkpoint.spec
         self._tokenizer: Tokenizer | None = None
@@ -118,17 +137,21 @@ class LLM:
         bytes_per_token = (
             2 * self.spec.n_layers * self.spec.n_kv_heads * self.spec.head_dim * kv_elem
         )
+        if sparse_capable:  # fp32 key min/max per page: 2 * head_dim floats per page_size tokens
+            bytes_per_token += (
+                2 * self.spec.n_layers * self.spec.n_kv_heads * self.spec.head_dim * 4 / page_size
+            )
         if kv_cache_tokens is not None and kv_cache_memory is not None:
             raise InvalidRequestError("give kv_cache_tokens or kv_cache_memory, not both")
         if kv_cache_memory is not None:
-            kv_cache_tokens = int(kv_cache_memory) // bytes_per_token
+            kv_cache_tokens = int(int(kv_cache_memory) // bytes_per_token)
         if kv_cache_tokens is None:
             kv_cache_tokens = min(self.max_context, 8192)
         if kv_cache_tokens < page_size:
             raise InvalidRequestError(
                 f"KV cache of {kv_cache_tokens} tokens is smaller than one page ({page_size})"
             )
-        self.kv_cache_bytes = -(-kv_cache_tokens // page_size) * page_size * bytes_per_token
+        self.kv_cache_bytes = int(-(-kv_cache_tokens // page_size) * page_size * bytes_per_token)
         physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         if self.kv_cache_bytes > physical:
             raise KVCacheFullError(
@@ -146,7 +169,10 @@ class LLM:
             page_size=page_size,
             kv_dtype=kv_dtype,
             n_threads=int(n_threads or _default_threads()),
+            block_summaries=sparse_capable,
         )
+        if sparse_capable:
+            self.resa.apply(self._engine)
         self.load_seconds = time.perf_counter() - t0
 
     @property
@@ -169,6 +195,29 @@ class LLM:
     @property
     def n_threads(self) -> int:
         return self._engine.n_threads
+
+    def set_attention(self, attention: str, resa: ReSAConfig | None = None) -> None:
+        """Switches the decode attention of later requests. An LLM built with ``attention="dense"``
+        keeps no block summaries, so it cannot switch to a sparse mode; one built sparse can run
+        any mode (dense included) and change its ``ReSAConfig`` (same ``block_size``)."""
+        check_attention_mode(attention)
+        resa = self.resa if resa is None else resa
+        if not isinstance(resa, ReSAConfig):
+            raise InvalidRequestError(f"resa must be a ReSAConfig, got {type(resa).__name__}")
+        if not self._sparse_capable:
+            if attention == "dense":
+                return
+            raise InvalidRequestError(
+                "this LLM was built with attention='dense' (no block summaries); "
+                "build it with attention='sparse' or 'resa'"
+            )
+        if resa.block_size != self._engine.page_size:
+            raise InvalidRequestError(
+                f"ReSAConfig.block_size ({resa.block_size}) must equal the page size "
+                f"({self._engine.page_size})"
+            )
+        resa.apply(self._engine)
+        self.attention, self.resa = attention, resa
 
     def kv_cache_usage(self) -> dict[str, int]:
         total = self._engine.total_pages
@@ -269,7 +318,9 @@ class LLM:
         """Logits at every position, float32 ``[len(token_ids), vocab]``.
 
         The first ``prefill`` tokens (default: all) go through one prefill step; each later
-        token is fed alone through the decode path, exactly as generation feeds it.
+        token is fed alone through the decode path, exactly as generation feeds it (sparse and
+        rectified as the LLM's ``attention`` mode says; a rectification step's row is the dense
+        chunk's last row, as generation samples from it).
         """
         ids = self._check_ids(token_ids)
         n = len(ids)
@@ -284,8 +335,8 @@ class LLM:
             parts = []
             if k:
                 parts.append(self._engine.step([seq], [ids[:k]], [True]))
-            for i in range(k, n):
-                parts.append(self._engine.step([seq], [ids[i : i + 1]], [True]))
+            cycle = ReSACycle(self.attention, self.resa)
+            parts += decode_teacher_forced(self._engine, seq, ids, k, cycle)
             return np.concatenate(parts, axis=0)
         finally:
             self._engine.seq_free(seq)
@@ -393,6 +444,7 @@ class LLM:
                         break
                     pending.popleft()
                     r.seq = eng.seq_create()
+                    r.cycle = ReSACycle(self.attention, self.resa)
                     r.reserved_pages = need
                     r.t_start = time.perf_counter()
                     reserved += need
@@ -401,25 +453,31 @@ class LLM:
                     raise KVCacheFullError(
                         "the KV pool is held by other sequences; no request fits"
                     )
-                seq_ids, chunks, wants, sampling = [], [], [], []
+                seq_ids, chunks, wants, sparse, sampling = [], [], [], [], []
                 budget = self.max_step_tokens
                 for r in running:
                     if r.n_prefilled >= len(r.prompt_ids):
+                        rewind, is_sparse = r.cycle.decode()
+                        if rewind:  # rectification: re-run the last `rewind` decoded tokens
+                            n_fed = len(r.prompt_ids) + len(r.out_ids) - 1
+                            eng.seq_truncate(r.seq, n_fed - rewind)
                         seq_ids.append(r.seq)
-                        chunks.append(np.array([r.out_ids[-1]], dtype=np.int32))
+                        chunks.append(np.array(r.out_ids[-1 - rewind :], dtype=np.int32))
                         wants.append(False)
+                        sparse.append(is_sparse)
                         sampling.append(r)
-                        budget -= 1
+                        budget -= 1 + rewind
                 for r in running:
                     if r.n_prefilled < len(r.prompt_ids) and budget > 0:
                         n = min(budget, len(r.prompt_ids) - r.n_prefilled)
                         seq_ids.append(r.seq)
                         chunks.append(r.prompt_ids[r.n_prefilled : r.n_prefilled + n])
                         wants.append(False)
+                        sparse.append(False)
                         r.n_prefilled += n
                         budget -= n
                         sampling.append(r if r.n_prefilled == len(r.prompt_ids) else None)
-                logits = eng.step(seq_ids, chunks, wants)
+                logits = eng.step(seq_ids, chunks, wants, sparse)
                 finished = []
                 for row, r in enumerate(sampling):
                     if r is None:

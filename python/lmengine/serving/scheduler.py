@@ -28,6 +28,13 @@ The scheduler is not thread-safe: one thread calls ``add_request``/``abort``/``s
 
 Invariant, per sequence: ``tokens`` = prompt + every generated token; the KV cache holds
 ``tokens[:n_computed]``; a token is sampled when a step brings ``n_computed`` to ``len(tokens)``.
+
+Sparse decoding (``attention="sparse"|"resa"``, see ``lmengine.resa``): decode tokens attend
+block-sparsely; in ``"resa"`` mode each sequence's ``ReSACycle`` turns every ``f+1``-th decode
+into a rectification: the sequence's KV is truncated by ``f`` (``n_computed -= f``) and the step
+feeds those ``f`` tokens with the new one as one dense chunk. Truncating first frees exactly the
+pages the chunk takes back, so page planning is that of a one-token decode; the chunk's extra
+tokens are not counted against ``max_step_tokens``.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from lmengine.errors import ContextLengthError, InvalidRequestError, KVCacheFullError
+from lmengine.resa import ReSAConfig, ReSACycle, check_attention_mode
 from lmengine.sampling import Sampler, SamplingParams, StopChecker, end_of_request, greedy
 from lmengine.serving.step_cost import StepCostModel
 
@@ -105,6 +113,7 @@ class _Sequence:
     t_admitted: float = 0.0
     t_first: float = 0.0
     t_last: float = 0.0
+    cycle: ReSACycle | None = None
 
 
 def _pages(n_tokens: int, page_size: int) -> int:
@@ -133,6 +142,8 @@ class Scheduler:
         max_step_tokens: int = 512,
         max_running: int = 256,
         step_time_target: float | None = None,
+        attention: str = "dense",
+        resa: ReSAConfig | None = None,
     ):
         if max_step_tokens < 1:
             raise InvalidRequestError(f"max_step_tokens must be >= 1, got {max_step_tokens}")
@@ -150,6 +161,8 @@ class Scheduler:
         self.max_context = int(max_context)
         self.max_step_tokens = int(max_step_tokens)
         self.max_running = int(max_running)
+        self.attention = check_attention_mode(attention)
+        self.resa = ReSAConfig() if resa is None else resa
         self.page_size = int(engine.page_size)
         self.total_pages = int(engine.total_pages)
         self._eos_ids = frozenset(tokenizer.eos_token_ids)
@@ -165,6 +178,8 @@ class Scheduler:
     def for_llm(cls, llm: Any, **kwargs: Any) -> Scheduler:
         """A scheduler over an ``LLM``'s engine, tokenizer and limits."""
         kwargs.setdefault("max_step_tokens", llm.max_step_tokens)
+        kwargs.setdefault("attention", llm.attention)
+        kwargs.setdefault("resa", llm.resa)
         return cls(
             llm._engine,
             llm.tokenizer,
@@ -234,6 +249,7 @@ class Scheduler:
             detok=self.tokenizer.stream_decoder(),
             max_new=max_new,
             t_arrival=time.perf_counter() if arrival_time is None else arrival_time,
+            cycle=ReSACycle(self.attention, self.resa),
         )
 
     def enqueue(self, request: _Sequence) -> None:
@@ -276,14 +292,17 @@ class Scheduler:
         if not plan:
             self._snapshot()
             return events
-        work = self._work(plan)
         seqs = list(plan)
+        sparse = [self._decode_feed(s, plan) for s in seqs]
+        work = self._work(plan)  # after rectification chunks widened their plans
         chunks = [
             np.asarray(s.tokens[s.n_computed : s.n_computed + plan[s]], dtype=np.int32)
             for s in seqs
         ]
+        # Dense schedulers keep the 3-argument step, so any engine-like object works.
+        extra = (sparse,) if self.attention != "dense" else ()
         try:
-            logits = self.engine.step([s.seq for s in seqs], chunks, [False] * len(seqs))
+            logits = self.engine.step([s.seq for s in seqs], chunks, [False] * len(seqs), *extra)
         except KVCacheFullError:
             # Pages taken since planning by sequences this scheduler does not own. The failed
             # step changed nothing: make room from the young end and plan again next step.
@@ -330,6 +349,18 @@ class Scheduler:
                 n_prefill += n
             attended += n * s.n_computed + n * (n + 1) / 2
         return n_decode, n_prefill, attended
+
+    def _decode_feed(self, s: _Sequence, plan: dict[_Sequence, int]) -> bool:
+        """Whether s's feed this step is sparse; turns a due decode into a rectification chunk
+        (truncating s's KV and widening ``plan[s]``)."""
+        if plan[s] != 1 or len(s.tokens) - s.n_computed != 1:
+            return False
+        rewind, sparse = s.cycle.decode()
+        if rewind:
+            self.engine.seq_truncate(s.seq, s.n_computed - rewind)
+            s.n_computed -= rewind
+            plan[s] += rewind
+        return sparse
 
     def _schedule(self, events: list[TokenEvent]) -> dict[_Sequence, int]:
         """The tokens each sequence feeds this step (insertion order = row order)."""
@@ -444,6 +475,7 @@ class Scheduler:
         self._running.remove(s)
         self._release(s)
         s.n_computed = 0
+        s.cycle.reset()
         s.preemptions += 1
         self.stats.preemptions += 1
         self._wait(s)

@@ -1,0 +1,319 @@
+#include "lmengine/attention_sparse.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+
+#include "lmengine/kv_summaries.h"
+#include "lmengine/ops.h"
+
+namespace lme {
+
+namespace {
+
+constexpr int32_t kMaxSplits = 32;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+typedef float v8f __attribute__((vector_size(32)));
+
+inline v8f load8(const float* p) {
+  v8f v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// s[j] = sum_d q[d] * kt[d * ps + j] for j < ps (kt: a transposed K page).
+inline void block_scores(const float* q, const float* kt, int64_t hd, int64_t ps, float* s) {
+  if (ps == 16) {
+    v8f a0 = {}, a1 = {};
+    for (int64_t d = 0; d < hd; ++d) {
+      const float qd = q[d];
+      a0 += qd * load8(kt + d * 16);
+      a1 += qd * load8(kt + d * 16 + 8);
+    }
+    __builtin_memcpy(s, &a0, sizeof(a0));
+    __builtin_memcpy(s + 8, &a1, sizeof(a1));
+    return;
+  }
+  for (int64_t j = 0; j < ps; ++j) s[j] = 0.f;
+  for (int64_t d = 0; d < hd; ++d) {
+    const float qd = q[d];
+    for (int64_t j = 0; j < ps; ++j) s[j] += qd * kt[d * ps + j];
+  }
+}
+
+// out[0..HD) += sum_j p[j] * v[j][0..HD), the accumulator held in registers across the rows.
+template <int HD>
+inline void weighted_rows(const float* p, const float* v, int64_t n, float* out) {
+  constexpr int kVecs = HD / 8;
+  v8f acc[kVecs];
+#pragma GCC unroll 16
+  for (int i = 0; i < kVecs; ++i) acc[i] = load8(out + 8 * i);
+  for (int64_t j = 0; j < n; ++j) {
+    const float pj = p[j];
+#pragma GCC unroll 16
+    for (int i = 0; i < kVecs; ++i) acc[i] += pj * load8(v + j * HD + 8 * i);
+  }
+  for (int i = 0; i < kVecs; ++i) __builtin_memcpy(out + 8 * i, &acc[i], sizeof(v8f));
+}
+
+void accumulate_rows(const float* p, const float* v, int64_t n, int64_t hd, float* out) {
+  if (hd == 64) {
+    weighted_rows<64>(p, v, n, out);
+  } else if (hd == 128) {
+    weighted_rows<128>(p, v, n, out);
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      for (int64_t d = 0; d < hd; ++d) out[d] += p[j] * v[j * hd + d];
+    }
+  }
+}
+
+}  // namespace
+
+Status sparse_config_validate(const SparseAttentionConfig& c) {
+  if (!(c.keep > 0.0 && c.keep <= 1.0)) {
+    return Status::Error(StatusCode::kInvalidArgument, "sparse attention keep must be in (0, 1], got " +
+                                                           std::to_string(c.keep));
+  }
+  if (c.n_min < 0 || c.n_local < 0 || c.n_sink < 0) {
+    return Status::Error(StatusCode::kInvalidArgument, "sparse attention n_min, n_local and n_sink must be >= 0");
+  }
+  return Status::Ok();
+}
+
+int64_t sparse_blocks_kept(const SparseAttentionConfig& c, int64_t n_blocks) {
+  if (n_blocks <= 0) return 0;
+  // The epsilon keeps exact products (30 * 0.1 = 3.0000000000000004 in binary) from rounding up.
+  int64_t n = static_cast<int64_t>(std::ceil(static_cast<double>(n_blocks) * c.keep - 1e-9));
+  n = std::max(n, std::min<int64_t>(n_blocks, c.n_min));
+  const int64_t forced = std::min<int64_t>(n_blocks, c.n_sink) + std::min<int64_t>(n_blocks, c.n_local);
+  n = std::max(n, std::min(forced, n_blocks));
+  return std::min(n, n_blocks);
+}
+
+int32_t sparse_select_blocks(const SparseAttentionConfig& c, const float* q, int32_t group, float scale,
+                             KVCache& kv, const int32_t* pages, int32_t layer, int32_t head, int64_t lo,
+                             int64_t pos, float* q_mean, float* scores, int32_t* blocks) {
+  const int64_t hd = kv.config().head_dim, ps = kv.config().page_size;
+  const int64_t b_lo = lo / ps, n_cand = pos / ps - b_lo + 1;
+  const int64_t n_keep = sparse_blocks_kept(c, n_cand);
+  if (n_keep >= n_cand) {
+    for (int64_t i = 0; i < n_cand; ++i) blocks[i] = static_cast<int32_t>(b_lo + i);
+    return static_cast<int32_t>(n_cand);
+  }
+  const float w = scale / static_cast<float>(group);
+  for (int64_t d = 0; d < hd; ++d) {
+    float acc = 0.f;
+    for (int32_t g = 0; g < group; ++g) acc += q[g * hd + d];
+    q_mean[d] = acc * w;
+  }
+  const float inf = std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n_cand; ++i) {
+    blocks[i] = static_cast<int32_t>(i);
+    if (i < c.n_sink || i >= n_cand - c.n_local) {
+      scores[i] = inf;
+      continue;
+    }
+    const float* mn = kv.block_summary(pages[b_lo + i], layer, head);
+    const float* mx = mn + hd;
+    float s = 0.f;
+    for (int64_t d = 0; d < hd; ++d) s += std::max(q_mean[d] * mn[d], q_mean[d] * mx[d]);
+    scores[i] = s;
+  }
+  // Higher score first, then lower block: a strict order, so the kept set is unique.
+  std::nth_element(blocks, blocks + n_keep, blocks + n_cand, [scores](int32_t a, int32_t b) {
+    return scores[a] > scores[b] || (scores[a] == scores[b] && a < b);
+  });
+  std::sort(blocks, blocks + n_keep);
+  for (int64_t i = 0; i < n_keep; ++i) blocks[i] += static_cast<int32_t>(b_lo);
+  return static_cast<int32_t>(n_keep);
+}
+
+void attention_sparse_partial(const float* q, int32_t group, float scale, KVCache& kv, const int32_t* pages,
+                              int32_t layer, int32_t head, const int32_t* blocks, int32_t n_blocks, int64_t lo,
+                              int64_t pos, float* work, float* out, float* m, float* l) {
+  const KVCacheConfig& c = kv.config();
+  const int64_t hd = c.head_dim, ps = c.page_size;
+  const int32_t dt = static_cast<int32_t>(c.dtype);
+  const bool f32 = c.dtype == KVDType::F32;
+  float* kbuf = work;
+  float* vbuf = work + ps * hd;
+  float* sc = work + 2 * ps * hd;  // [group][ps]
+  std::fill(out, out + int64_t(group) * hd, 0.f);
+  for (int32_t g = 0; g < group; ++g) {
+    m[g] = kNegInf;
+    l[g] = 0.f;
+  }
+  for (int32_t bi = 0; bi < n_blocks; ++bi) {
+    const int64_t p0 = int64_t(blocks[bi]) * ps;
+    const int64_t j0 = std::max(p0, lo) - p0, j1 = std::min(p0 + ps - 1, pos) - p0;  // valid slots
+    if (j0 > j1) continue;
+    const int32_t page = pages[blocks[bi]];
+    const float* kt;
+    if (f32) {
+      kt = reinterpret_cast<const float*>(kv.k_block(page, layer, head));
+    } else {
+      kv_to_f32(dt, kv.k_block(page, layer, head), kbuf, ps * hd);
+      kt = kbuf;
+    }
+    const float* vp;
+    if (f32) {
+      vp = reinterpret_cast<const float*>(kv.v_block(page, layer, head));
+    } else {
+      kv_to_f32(dt, kv.v_block(page, layer, head), vbuf, (j1 + 1) * hd);
+      vp = vbuf;
+    }
+    const int64_t n = j1 - j0 + 1;
+    for (int32_t g = 0; g < group; ++g) {
+      float* s = sc + int64_t(g) * ps;
+      block_scores(q + int64_t(g) * hd, kt, hd, ps, s);
+      float bmax = kNegInf;
+      for (int64_t j = j0; j <= j1; ++j) {
+        s[j] *= scale;
+        bmax = std::max(bmax, s[j]);
+      }
+      const float m_new = std::max(m[g], bmax);
+      float* og = out + int64_t(g) * hd;
+      if (m[g] != m_new && l[g] > 0.f) {
+        const float alpha = std::exp(m[g] - m_new);
+        for (int64_t d = 0; d < hd; ++d) og[d] *= alpha;
+        l[g] *= alpha;
+      }
+      m[g] = m_new;
+      for (int64_t j = j0; j <= j1; ++j) s[j] -= m_new;
+      exp_inplace(s + j0, n);
+      float sum = 0.f;
+      for (int64_t j = j0; j <= j1; ++j) sum += s[j];
+      l[g] += sum;
+      accumulate_rows(s + j0, vp + j0 * hd, n, hd, og);
+    }
+  }
+}
+
+void attention_sparse_merge(const float* part_out, const float* part_m, const float* part_l, int32_t n_parts,
+                            int32_t group, int32_t head_dim, float* out) {
+  for (int32_t g = 0; g < group; ++g) {
+    float mx = kNegInf;
+    for (int32_t p = 0; p < n_parts; ++p) {
+      if (part_l[p * group + g] > 0.f) mx = std::max(mx, part_m[p * group + g]);
+    }
+    float* og = out + int64_t(g) * head_dim;
+    std::fill(og, og + head_dim, 0.f);
+    float total = 0.f;
+    for (int32_t p = 0; p < n_parts; ++p) {
+      const float lp = part_l[p * group + g];
+      if (!(lp > 0.f)) continue;
+      const float w = std::exp(part_m[p * group + g] - mx);
+      total += w * lp;
+      const float* op = part_out + (int64_t(p) * group + g) * head_dim;
+      for (int32_t d = 0; d < head_dim; ++d) og[d] += w * op[d];
+    }
+    const float inv = total > 0.f ? 1.0f / total : 0.f;
+    for (int32_t d = 0; d < head_dim; ++d) og[d] *= inv;
+  }
+}
+
+BlockSparseDecode::BlockSparseDecode(int32_t n_layers, int32_t n_kv_heads, int32_t group, int32_t head_dim,
+                                     int32_t page_size)
+    : n_layers_(n_layers), n_kv_heads_(n_kv_heads), group_(group), head_dim_(head_dim), page_size_(page_size) {}
+
+void BlockSparseDecode::begin_step(int64_t n_tokens) {
+  if (static_cast<int64_t>(tok_sparse_.size()) < n_tokens) tok_sparse_.resize(n_tokens);
+  std::fill(tok_sparse_.begin(), tok_sparse_.begin() + n_tokens, 0);
+  tokens_.clear();
+  written_.clear();
+  n_sparse_ = 0;
+  cap_blocks_ = 0;
+}
+
+void BlockSparseDecode::add_sparse_token(int64_t t, int32_t seq, int64_t lo, int64_t pos) {
+  tokens_.push_back({t, seq, lo, pos});
+  tok_sparse_[t] = 1;
+  ++n_sparse_;
+  cap_blocks_ = std::max(cap_blocks_, pos / page_size_ - lo / page_size_ + 1);
+}
+
+void BlockSparseDecode::add_written(int32_t seq, int64_t pos_begin, int64_t pos_end, int32_t page_size) {
+  for (int64_t b = pos_begin / page_size; b <= (pos_end - 1) / page_size; ++b) {
+    written_.push_back({seq, b, std::min<int64_t>(page_size, pos_end - b * page_size)});
+  }
+}
+
+void BlockSparseDecode::finish_plan(int n_threads) {
+  n_threads_ = n_threads;
+  if (n_sparse_ == 0) return;
+  const int64_t n_items = n_sparse_ * n_kv_heads_;
+  int64_t max_kept = 0;
+  for (const SparseToken& tok : tokens_) {
+    const int64_t n_cand = tok.pos / page_size_ - tok.lo / page_size_ + 1;
+    const int64_t kept = sparse_blocks_kept(config_, n_cand);
+    max_kept = std::max(max_kept, kept);
+    counters_.tokens += 1;
+    counters_.blocks_candidate += n_cand * n_layers_ * n_kv_heads_;
+    counters_.blocks_selected += kept * n_layers_ * n_kv_heads_;
+  }
+  // Enough work items for every thread (4 per thread to absorb uneven splits), but at least two
+  // blocks per split so the partials stay small next to the blocks they summarise.
+  const int64_t want = (4 * int64_t(n_threads) + n_items - 1) / n_items;
+  n_splits_ = static_cast<int32_t>(std::max<int64_t>(1, std::min<int64_t>({want, kMaxSplits, max_kept / 2})));
+  auto grow = [](auto& v, int64_t n) {
+    if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+  };
+  grow(selected_, n_items * cap_blocks_);
+  grow(n_selected_, n_items);
+  grow(part_out_, n_items * n_splits_ * group_ * head_dim_);
+  grow(part_m_, n_items * n_splits_ * group_);
+  grow(part_l_, n_items * n_splits_ * group_);
+  thread_scratch_len_ = std::max<int64_t>(thread_scratch_len_, head_dim_ + cap_blocks_ + 2 * int64_t(page_size_) * head_dim_ +
+                                                                   int64_t(group_) * page_size_);
+  grow(thread_scratch_, n_threads * thread_scratch_len_);
+}
+
+void BlockSparseDecode::refresh_summaries(ParallelContext& pc, KVCache& kv, int32_t layer) {
+  const int64_t n = static_cast<int64_t>(written_.size()) * n_kv_heads_;
+  pc.for_chunks(n, 1, [&](int64_t i, int64_t) {
+    const WrittenBlock& w = written_[i / n_kv_heads_];
+    kv_summary_refresh(kv, kv.seq_pages(w.seq)[w.block], layer, static_cast<int32_t>(i % n_kv_heads_), w.n_valid);
+  });
+}
+
+void BlockSparseDecode::select(ParallelContext& pc, KVCache& kv, int32_t layer, const float* q, int64_t q_stride,
+                               float scale) {
+  pc.for_chunks(n_sparse_ * n_kv_heads_, 1, [&](int64_t i, int64_t) {
+    const SparseToken& tok = tokens_[i / n_kv_heads_];
+    const int32_t h = static_cast<int32_t>(i % n_kv_heads_);
+    float* scratch = &thread_scratch_[int64_t(pc.tid()) * thread_scratch_len_];
+    n_selected_[i] = sparse_select_blocks(config_, q + tok.t * q_stride + int64_t(h) * group_ * head_dim_, group_,
+                                          scale, kv, kv.seq_pages(tok.seq).data(), layer, h, tok.lo, tok.pos,
+                                          scratch, scratch + head_dim_, &selected_[i * cap_blocks_]);
+  });
+}
+
+void BlockSparseDecode::attend(ParallelContext& pc, KVCache& kv, int32_t layer, const float* q, int64_t q_stride,
+                               float scale, float* out) {
+  const int64_t n_items = n_sparse_ * n_kv_heads_;
+  const int64_t part_elems = int64_t(group_) * head_dim_;
+  pc.for_chunks(n_items * n_splits_, 1, [&](int64_t j, int64_t) {
+    const int64_t i = j / n_splits_, split = j % n_splits_;
+    const SparseToken& tok = tokens_[i / n_kv_heads_];
+    const int32_t h = static_cast<int32_t>(i % n_kv_heads_);
+    const int64_t n = n_selected_[i];
+    const int64_t b0 = n * split / n_splits_, b1 = n * (split + 1) / n_splits_;
+    float* work = &thread_scratch_[int64_t(pc.tid()) * thread_scratch_len_] + head_dim_ + cap_blocks_;
+    attention_sparse_partial(q + tok.t * q_stride + int64_t(h) * part_elems, group_, scale, kv,
+                             kv.seq_pages(tok.seq).data(), layer, h, &selected_[i * cap_blocks_] + b0,
+                             static_cast<int32_t>(b1 - b0), tok.lo, tok.pos, work, &part_out_[j * part_elems],
+                             &part_m_[j * group_], &part_l_[j * group_]);
+  });
+  pc.for_chunks(n_items, 1, [&](int64_t i, int64_t) {
+    const SparseToken& tok = tokens_[i / n_kv_heads_];
+    const int32_t h = static_cast<int32_t>(i % n_kv_heads_);
+    attention_sparse_merge(&part_out_[i * n_splits_ * part_elems], &part_m_[i * n_splits_ * group_],
+                           &part_l_[i * n_splits_ * group_], n_splits_, group_, head_dim_,
+                           out + tok.t * q_stride + int64_t(h) * part_elems);
+  });
+}
+
+}  // namespace lme
