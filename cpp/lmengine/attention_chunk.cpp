@@ -29,7 +29,7 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // (row stride 8*NV = page_size). MR x NV accumulators stay in registers over head_dim; each d
 // costs NV loads and MR broadcasts for MR * NV FMAs.
 template <int MR, int NV>
-inline void scores_rows(const float* q, int64_t hd, const float* kt, float* s) {
+inline void scores_rows(const float* q, int64_t hd, const float* kt, float* s, int64_t lds) {
   constexpr int ps = 8 * NV;
   v8f acc[MR][NV] = {};
   for (int64_t d = 0; d < hd; ++d) {
@@ -44,21 +44,21 @@ inline void scores_rows(const float* q, int64_t hd, const float* kt, float* s) {
     }
   }
   for (int r = 0; r < MR; ++r) {
-    for (int v = 0; v < NV; ++v) store8(s + r * ps + 8 * v, acc[r][v]);
+    for (int v = 0; v < NV; ++v) store8(s + r * lds + 8 * v, acc[r][v]);
   }
 }
 
 template <int MR, int NV>
-void scores_all(const float* q, int32_t rows, int64_t hd, const float* kt, float* s) {
-  constexpr int ps = 8 * NV;
+void scores_all(const float* q, int32_t rows, int64_t hd, const float* kt, float* s, int64_t lds) {
   int32_t r = 0;
-  for (; r + MR <= rows; r += MR) scores_rows<MR, NV>(q + r * hd, hd, kt, s + r * ps);
-  for (; r < rows; ++r) scores_rows<1, NV>(q + r * hd, hd, kt, s + r * ps);
+  for (; r + MR <= rows; r += MR) scores_rows<MR, NV>(q + r * hd, hd, kt, s + r * lds, lds);
+  for (; r < rows; ++r) scores_rows<1, NV>(q + r * hd, hd, kt, s + r * lds, lds);
 }
 
-void scores_generic(const float* q, int32_t rows, int64_t hd, const float* kt, int64_t ps, float* s) {
+void scores_generic(const float* q, int32_t rows, int64_t hd, const float* kt, int64_t ps, float* s,
+                    int64_t lds) {
   for (int32_t r = 0; r < rows; ++r) {
-    float* sr = s + r * ps;
+    float* sr = s + r * lds;
     for (int64_t j = 0; j < ps; ++j) sr[j] = 0.f;
     for (int64_t d = 0; d < hd; ++d) {
       const float qv = q[r * hd + d];
@@ -67,25 +67,25 @@ void scores_generic(const float* q, int32_t rows, int64_t hd, const float* kt, i
   }
 }
 
-// s[R][ps] = q[R][hd] · kt, kt: [hd][ps].
-void page_scores(const float* q, int32_t rows, int64_t hd, const float* kt, int64_t ps, float* s) {
+// s[r][0 .. ps) (row stride lds) = q[R][hd] · kt, kt: [hd][ps].
+void page_scores(const float* q, int32_t rows, int64_t hd, const float* kt, int64_t ps, float* s, int64_t lds) {
   switch (ps) {
     case 8:
-      scores_all<8, 1>(q, rows, hd, kt, s);
+      scores_all<8, 1>(q, rows, hd, kt, s, lds);
       return;
     case 16:
-      scores_all<4, 2>(q, rows, hd, kt, s);
+      scores_all<4, 2>(q, rows, hd, kt, s, lds);
       return;
     case 32:
-      scores_all<2, 4>(q, rows, hd, kt, s);
+      scores_all<2, 4>(q, rows, hd, kt, s, lds);
       return;
     default:
-      scores_generic(q, rows, hd, kt, ps, s);
+      scores_generic(q, rows, hd, kt, ps, s, lds);
   }
 }
 
-// o[r][c .. c+16) = alpha[r] * o[r][..] + sum_{j0 <= j <= j1} p[r][j] * v[j][..] for MR rows,
-// one 16-column block of head_dim at a time (MR x 2 accumulators).
+// o[r][c .. c+16) = alpha[r] * o[r][..] + sum_{j0 <= j <= j1} p[r][j] * v[j][..] for MR rows
+// (alpha null: 1), one 16-column block of head_dim at a time (MR x 2 accumulators).
 template <int MR>
 inline void pv_rows(const float* p, int64_t ps, const float* alpha, const float* v, int64_t hd, int64_t j0,
                     int64_t j1, float* o) {
@@ -93,8 +93,9 @@ inline void pv_rows(const float* p, int64_t ps, const float* alpha, const float*
     v8f acc[MR][2];
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      acc[r][0] = alpha[r] * load8(o + r * hd + c);
-      acc[r][1] = alpha[r] * load8(o + r * hd + c + 8);
+      const float a = alpha != nullptr ? alpha[r] : 1.0f;
+      acc[r][0] = a * load8(o + r * hd + c);
+      acc[r][1] = a * load8(o + r * hd + c + 8);
     }
     for (int64_t j = j0; j <= j1; ++j) {
       const v8f v0 = load8(v + j * hd + c), v1 = load8(v + j * hd + c + 8);
@@ -116,13 +117,17 @@ void page_pv(const float* p, int32_t rows, int64_t ps, const float* alpha, const
              int64_t j0, int64_t j1, float* o) {
   if (hd % 16 == 0) {
     int32_t r = 0;
-    for (; r + 4 <= rows; r += 4) pv_rows<4>(p + r * ps, ps, alpha + r, v, hd, j0, j1, o + r * hd);
-    for (; r < rows; ++r) pv_rows<1>(p + r * ps, ps, alpha + r, v, hd, j0, j1, o + r * hd);
+    for (; r + 4 <= rows; r += 4) {
+      pv_rows<4>(p + r * ps, ps, alpha != nullptr ? alpha + r : nullptr, v, hd, j0, j1, o + r * hd);
+    }
+    for (; r < rows; ++r) pv_rows<1>(p + r * ps, ps, alpha != nullptr ? alpha + r : nullptr, v, hd, j0, j1, o + r * hd);
     return;
   }
   for (int32_t r = 0; r < rows; ++r) {
     float* orow = o + r * hd;
-    for (int64_t d = 0; d < hd; ++d) orow[d] *= alpha[r];
+    if (alpha != nullptr) {
+      for (int64_t d = 0; d < hd; ++d) orow[d] *= alpha[r];
+    }
     for (int64_t j = j0; j <= j1; ++j) {
       const float pj = p[r * ps + j];
       for (int64_t d = 0; d < hd; ++d) orow[d] += pj * v[j * hd + d];
@@ -132,27 +137,30 @@ void page_pv(const float* p, int32_t rows, int64_t ps, const float* alpha, const
 
 }  // namespace
 
+// Pages per softmax block: the per-row bookkeeping (mask, max, rescale) is paid once per block.
+constexpr int64_t kBlockPages = 4;
+
 int64_t attention_chunk_scratch_floats(int32_t rows, int32_t page_size, int32_t head_dim) {
-  return 2 * int64_t(rows) * head_dim + int64_t(rows) * page_size + 3 * int64_t(rows) +
-         2 * int64_t(page_size) * head_dim;
+  const int64_t block = kBlockPages * page_size;
+  return 2 * int64_t(rows) * head_dim + int64_t(rows) * block + 3 * int64_t(rows) + 2 * block * head_dim;
 }
 
 void attention_chunk_tile(const ChunkAttentionTile& t, KVCache& kv, float* scratch, float* out,
                           int64_t out_stride, float* lse) {
   const KVCacheConfig& c = kv.config();
-  const int64_t hd = c.head_dim, ps = c.page_size;
+  const int64_t hd = c.head_dim, ps = c.page_size, bw = kBlockPages * ps;
   const int32_t dt = static_cast<int32_t>(c.dtype);
   const bool f32 = c.dtype == KVDType::F32;
   const int64_t elem = kv_dtype_bytes(c.dtype);
   const int32_t G = t.group, R = t.n_q * t.group;
-  float* qs = scratch;        // [R][hd] the tile's queries, contiguous
-  float* o = qs + R * hd;     // [R][hd] running output (unnormalised)
-  float* s = o + R * hd;      // [R][ps] scores, then probabilities
-  float* m = s + R * ps;      // [R] running max of the scaled scores
-  float* l = m + R;           // [R] running sum of exp(score - m)
-  float* alpha = l + R;       // [R] rescale of o and l for the current page
-  float* kbuf = alpha + R;    // [hd][ps] converted K page
-  float* vbuf = kbuf + ps * hd;  // [ps][hd] converted V rows
+  float* qs = scratch;           // [R][hd] the tile's queries, contiguous
+  float* o = qs + R * hd;        // [R][hd] running output (unnormalised)
+  float* s = o + R * hd;         // [R][bw] scores of a block of pages, then probabilities
+  float* m = s + R * bw;         // [R] running max of the scaled scores
+  float* l = m + R;              // [R] running sum of exp(score - m)
+  float* alpha = l + R;          // [R] rescale of o and l for the current block
+  float* kbuf = alpha + R;       // [kBlockPages][hd][ps] converted K pages
+  float* vbuf = kbuf + bw * hd;  // [kBlockPages][ps][hd] converted V rows
 
   // Per token: the keys it may see, [lo, hi]; the tile visits the union [kmin, kmax].
   int64_t lo[kChunkTileTokens], hi[kChunkTileTokens];
@@ -175,54 +183,70 @@ void attention_chunk_tile(const ChunkAttentionTile& t, KVCache& kv, float* scrat
   }
   std::fill(o, o + R * hd, 0.f);
 
-  for (int64_t p0 = kmax < 0 ? 0 : kmin - kmin % ps; kmax >= 0 && p0 <= kmax; p0 += ps) {
-    const int32_t page = t.pages[p0 / ps];
-    // Union of the rows' ranges within this page: every slot in it holds a written position.
-    const int64_t jlo = std::max(kmin, p0) - p0, jhi = std::min(kmax, p0 + ps - 1) - p0;
-    const float* kt;
-    const float* vp;
-    if (f32) {
-      kt = reinterpret_cast<const float*>(kv.k_block(page, t.layer, t.head));
-      vp = reinterpret_cast<const float*>(kv.v_block(page, t.layer, t.head));
-    } else {
-      kv_to_f32(dt, kv.k_block(page, t.layer, t.head), kbuf, ps * hd);
-      kv_to_f32(dt, kv.v_block(page, t.layer, t.head) + jlo * hd * elem, vbuf + jlo * hd, (jhi - jlo + 1) * hd);
-      kt = kbuf;
-      vp = vbuf;
+  const float* kt[kBlockPages];
+  const float* vp[kBlockPages];
+  for (int64_t b0 = kmax < 0 ? 0 : kmin - kmin % ps; kmax >= 0 && b0 <= kmax; b0 += bw) {
+    const int64_t n_pages = std::min(kBlockPages, (kmax - b0) / ps + 1);
+    // Union of the rows' ranges within this block: every slot in it holds a written position.
+    const int64_t jlo = std::max(kmin, b0) - b0, jhi = std::min(kmax, b0 + n_pages * ps - 1) - b0;
+    for (int64_t b = 0; b < n_pages; ++b) {
+      const int32_t page = t.pages[(b0 + b * ps) / ps];
+      if (f32) {
+        kt[b] = reinterpret_cast<const float*>(kv.k_block(page, t.layer, t.head));
+        vp[b] = reinterpret_cast<const float*>(kv.v_block(page, t.layer, t.head));
+      } else {
+        const int64_t v0 = std::max<int64_t>(jlo - b * ps, 0), v1 = std::min<int64_t>(jhi - b * ps, ps - 1);
+        kv_to_f32(dt, kv.k_block(page, t.layer, t.head), kbuf + b * ps * hd, ps * hd);
+        if (v0 <= v1) {
+          kv_to_f32(dt, kv.v_block(page, t.layer, t.head) + v0 * hd * elem, vbuf + (b * ps + v0) * hd,
+                    (v1 - v0 + 1) * hd);
+        }
+        kt[b] = kbuf + b * ps * hd;
+        vp[b] = vbuf + b * ps * hd;
+      }
+      page_scores(qs, R, hd, kt[b], ps, s + b * ps, bw);
     }
-    page_scores(qs, R, hd, kt, ps, s);
 
     // Mask each row to its range (a select, so stale NaN scores vanish), then the online-softmax
     // update: alpha = exp(m_old - m_new), p = exp(s - m_new).
+    const int64_t width = n_pages * ps;
     for (int32_t r = 0; r < R; ++r) {
       const int32_t i = r / G;
-      float* row = s + r * ps;
-      const int64_t rlo = std::max(lo[i], p0) - p0, rhi = std::min(hi[i], p0 + ps - 1) - p0;
+      float* row = s + r * bw;
+      const int64_t rlo = std::max(lo[i], b0) - b0, rhi = std::min(hi[i], b0 + width - 1) - b0;
       if (rlo > rhi) {
-        for (int64_t j = 0; j < ps; ++j) row[j] = kNegInf;
+        for (int64_t j = 0; j < width; ++j) row[j] = kNegInf;
         alpha[r] = 0.f;  // exp(0) = 1: nothing changes
         continue;
       }
       for (int64_t j = 0; j < rlo; ++j) row[j] = kNegInf;
-      for (int64_t j = rhi + 1; j < ps; ++j) row[j] = kNegInf;
+      for (int64_t j = rhi + 1; j < width; ++j) row[j] = kNegInf;
       // Scaled after the dot product (not folded into q) so a large scale adds no rounding.
-      for (int64_t j = rlo; j <= rhi; ++j) row[j] *= t.scale;
-      float mx = row[rlo];
-      for (int64_t j = rlo + 1; j <= rhi; ++j) mx = row[j] > mx ? row[j] : mx;
+      float mx = kNegInf;
+      for (int64_t j = rlo; j <= rhi; ++j) {
+        row[j] *= t.scale;
+        mx = row[j] > mx ? row[j] : mx;
+      }
       const float m_new = std::max(m[r], mx);
       alpha[r] = m[r] - m_new;  // -inf on the row's first keys: exp gives 0
       for (int64_t j = rlo; j <= rhi; ++j) row[j] -= m_new;
       m[r] = m_new;
     }
-    exp_inplace(s, R * ps);
+    for (int32_t r = 0; r < R; ++r) exp_inplace(s + r * bw, width);
     exp_inplace(alpha, R);
     for (int32_t r = 0; r < R; ++r) {
-      const float* row = s + r * ps;
+      const float* row = s + r * bw;
       float sum = 0.f;
       for (int64_t j = jlo; j <= jhi; ++j) sum += row[j];
       l[r] = l[r] * alpha[r] + sum;
     }
-    page_pv(s, R, ps, alpha, vp, hd, jlo, jhi, o);
+    bool rescaled = false;  // o is rescaled by alpha with the block's first page
+    for (int64_t b = 0; b < n_pages; ++b) {
+      const int64_t j0 = std::max<int64_t>(jlo - b * ps, 0), j1 = std::min<int64_t>(jhi - b * ps, ps - 1);
+      if (j0 > j1) continue;
+      page_pv(s + b * ps, R, bw, rescaled ? nullptr : alpha, vp[b], hd, j0, j1, o);
+      rescaled = true;
+    }
   }
 
   for (int32_t r = 0; r < R; ++r) {
