@@ -42,18 +42,41 @@ def chunk_case(n, L, group, n_kv=1, head_dim=64, seed=0):
     return q, k, v, rng
 
 
-def run_and_check(q, k, v, positions, *, page_size=16, kv_dtype="f32", window=0, segment_keys=2048,
-                  order=None, rng=None, scale=None, logit_rel=0.0):
+def run_and_check(
+    q,
+    k,
+    v,
+    positions,
+    *,
+    page_size=16,
+    kv_dtype="f32",
+    window=0,
+    segment_keys=2048,
+    order=None,
+    rng=None,
+    scale=None,
+    logit_rel=0.0,
+):
     """Runs the kernel and checks it against the reference. logit_rel: extra error allowed per
     unit of the largest |logit| (fp32 rounds a logit of size s by ~s * U; the output moves by up
     to twice the logit error times max|v|)."""
     L = k.shape[0]
     n_pages = -(-L // page_size)
     if order is None:
-        order = shuffled_pages(n_pages, rng) if rng is not None else np.arange(n_pages, dtype=np.int32)
+        order = (
+            shuffled_pages(n_pages, rng) if rng is not None else np.arange(n_pages, dtype=np.int32)
+        )
     positions = np.asarray(positions, np.int32)
     out = kernels.attention_chunk(
-        q, k, v, positions, page_size, kv_dtype, order, sliding_window=window, scale=scale,
+        q,
+        k,
+        v,
+        positions,
+        page_size,
+        kv_dtype,
+        order,
+        sliding_window=window,
+        scale=scale,
         segment_keys=segment_keys,
     )
     if scale is None:
@@ -63,8 +86,14 @@ def run_and_check(q, k, v, positions, *, page_size=16, kv_dtype="f32", window=0,
     assert out.shape == q.shape and out.dtype == np.float32
     assert np.isfinite(out).all()
     err = np.abs(out - ref).max()
-    logits = max(np.abs(scale * (q[i].astype(np.float64) @ kr[: p + 1].reshape(-1, q.shape[-1]).T)).max()
-                 for i, p in enumerate(positions)) if logit_rel else 0.0
+    logits = (
+        max(
+            np.abs(scale * (q[i].astype(np.float64) @ kr[: p + 1].reshape(-1, q.shape[-1]).T)).max()
+            for i, p in enumerate(positions)
+        )
+        if logit_rel
+        else 0.0
+    )
     bound = (ATTENTION_ABS + 2 * logit_rel * logits) * np.abs(vr).max()
     assert err <= bound, f"max abs err {err:.3g} > {bound:.3g}"
     return out
@@ -145,15 +174,23 @@ def test_peaked_softmax_and_page_order():
     pos = np.arange(32, 49)
     for scale in [0.01, 1.0, 30.0]:
         run_and_check(q, k, v, pos, scale=scale, logit_rel=8 * 2.0**-24)
-    ident = kernels.attention_chunk(q, k, v, pos.astype(np.int32), 16, "bf16", np.arange(4, dtype=np.int32))
-    shuf = kernels.attention_chunk(q, k, v, pos.astype(np.int32), 16, "bf16", shuffled_pages(4, rng))
+    ident = kernels.attention_chunk(
+        q, k, v, pos.astype(np.int32), 16, "bf16", np.arange(4, dtype=np.int32)
+    )
+    shuf = kernels.attention_chunk(
+        q, k, v, pos.astype(np.int32), 16, "bf16", shuffled_pages(4, rng)
+    )
     np.testing.assert_array_equal(ident, shuf)
 
 
 def test_bad_arguments_raise():
     q, k, v, _ = chunk_case(3, 20, 2)
-    good = dict(positions=np.arange(17, 20, dtype=np.int32), page_size=16, kv_dtype="f32",
-                page_order=np.arange(2, dtype=np.int32))
+    good = dict(
+        positions=np.arange(17, 20, dtype=np.int32),
+        page_size=16,
+        kv_dtype="f32",
+        page_order=np.arange(2, dtype=np.int32),
+    )
     cases = [
         (dict(positions=np.array([17, 18, 20], np.int32)), "positions"),
         (dict(positions=np.array([17, 18], np.int32)), "positions"),
@@ -194,7 +231,9 @@ def test_segmented_chunk_in_the_engine_matches_decode(tmp_path):
             part = ids[i : min(i + 512, 2068)]
             eng.step([chunked, stepped], [part, part], [False, False])
         out_chunk = eng.step([chunked], [ids[2068:]], [True])
-        out_step = np.concatenate([eng.step([stepped], [ids[i : i + 1]], [True]) for i in range(2068, 2100)])
+        out_step = np.concatenate(
+            [eng.step([stepped], [ids[i : i + 1]], [True]) for i in range(2068, 2100)]
+        )
     finally:
         eng.seq_free(chunked)
         eng.seq_free(stepped)
