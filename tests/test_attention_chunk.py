@@ -167,6 +167,33 @@ def test_matches_single_token_kernel():
         np.testing.assert_allclose(out[i], one, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("window", [0, 37])
+@pytest.mark.parametrize("kv_dtype", ["f32", "f16"])
+def test_rows_do_not_depend_on_their_tile(window, kv_dtype):
+    """Unsegmented, a token's output is bit-identical however its chunk is cut into tiles (a
+    prompt chunked differently, or sharing a step, gives the same attention)."""
+    q, k, v, rng = chunk_case(45, 150, 3, n_kv=2, seed=21)
+    pos = np.arange(105, 150, dtype=np.int32)
+    order = shuffled_pages(10, rng)
+
+    def run(lo, hi):
+        return kernels.attention_chunk(
+            np.ascontiguousarray(q[lo:hi]),
+            k,
+            v,
+            pos[lo:hi],
+            16,
+            kv_dtype,
+            order,
+            sliding_window=window,
+            segment_keys=1 << 30,
+        )
+
+    whole = run(0, 45)
+    for cut in (1, 7, 16, 29):
+        np.testing.assert_array_equal(np.concatenate([run(0, cut), run(cut, 45)]), whole)
+
+
 def test_peaked_softmax_and_page_order():
     """A large scale makes the softmax nearly one-hot (logits ~1000): the running max must keep
     it finite, and the error is that of rounding the logits (the single-token kernel's too)."""

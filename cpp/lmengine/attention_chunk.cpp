@@ -239,11 +239,16 @@ void attention_chunk_tile(const ChunkAttentionTile& t, KVCache& kv, float* scrat
 
   const float* kt[kBlockPages];
   const float* vp[kBlockPages];
-  for (int64_t b0 = kmax < 0 ? 0 : kmin - kmin % ps; kmax >= 0 && b0 <= kmax; b0 += bw) {
+  // Blocks sit at absolute multiples of bw (pages before kmin are skipped, their columns masked):
+  // with the same block grid and lanes, a row's arithmetic does not depend on which other tokens
+  // share its tile, so chunking a prompt differently changes no bit of an unsegmented row.
+  for (int64_t b0 = kmax < 0 ? 0 : kmin - kmin % bw; kmax >= 0 && b0 <= kmax; b0 += bw) {
     const int64_t n_pages = std::min(kBlockPages, (kmax - b0) / ps + 1);
     // Union of the rows' ranges within this block: every slot in it holds a written position.
+    // Columns before jlo (skipped pages included) are masked for every row.
     const int64_t jlo = std::max(kmin, b0) - b0, jhi = std::min(kmax, b0 + n_pages * ps - 1) - b0;
     for (int64_t b = 0; b < n_pages; ++b) {
+      if (b0 + (b + 1) * ps <= kmin) continue;  // before every row's range: masked below
       const int32_t page = t.pages[(b0 + b * ps) / ps];
       if (f32) {
         kt[b] = reinterpret_cast<const float*>(kv.k_block(page, t.layer, t.head));
