@@ -309,6 +309,24 @@ def test_summaries_follow_appends_truncation_and_rectification(resa_llm, english
         eng.seq_free(seq)
 
 
+def test_kv_import_refreshes_block_summaries(resa_llm):
+    """K/V written from outside a step (Engine.seq_write_kv) keep the summaries exact: a new
+    sequence filled across pages, then one layer overwritten in the middle of a block."""
+    eng = resa_llm._engine
+    rng = np.random.default_rng(3)
+    seq = eng.seq_create()
+    try:
+        k = rng.standard_normal((30, 37, 3, 64)).astype(np.float32)
+        v = rng.standard_normal((30, 37, 3, 64)).astype(np.float32)
+        eng.seq_write_kv(seq, 0, k, v)
+        check_summaries(eng, seq, [0, 17, 29])
+        k1 = (10 * rng.standard_normal((5, 3, 64))).astype(np.float32)
+        eng.seq_write_kv(seq, 20, k1, k1, layer=17)
+        check_summaries(eng, seq, [16, 17])
+    finally:
+        eng.seq_free(seq)
+
+
 def test_rectification_rewrites_kv_to_dense(resa_llm, english_text):
     """After a rectification the cache equals a dense run's over the same tokens; before it, the
     sparse decodes had left different K/V in the upper layers."""

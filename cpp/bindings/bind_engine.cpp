@@ -241,6 +241,60 @@ class PyEngine {
     return out;
   }
 
+  // k, v: float32 [n_layers, n, n_kv_heads, head_dim] (layer None) or [n, n_kv_heads, head_dim].
+  void seq_write_kv(int32_t seq, int64_t pos0, const py::array& k, const py::array& v, py::object layer) {
+    const lme::ModelConfig& c = engine_->config();
+    const bool all_layers = layer.is_none();
+    const int ndim = all_layers ? 4 : 3;
+    for (const auto& [a, name] : {std::pair<const py::array&, const char*>{k, "k"}, {v, "v"}}) {
+      if (!a.dtype().is(py::dtype::of<float>())) {
+        raise_error("InvalidRequestError", std::string(name) + " must be float32, got " +
+                                               py::str(a.dtype()).cast<std::string>());
+      }
+      if (a.ndim() != ndim) {
+        raise_error("InvalidRequestError", std::string(name) + " must be " + std::to_string(ndim) +
+                                               "-D [" + (all_layers ? "n_layers, " : "") +
+                                               "n, n_kv_heads, head_dim], got " + std::to_string(a.ndim()) + "-D");
+      }
+    }
+    const int64_t expect[4] = {all_layers ? int64_t(c.n_layers) : k.shape(0), k.shape(ndim - 3),
+                               int64_t(c.n_kv_heads), int64_t(c.head_dim)};
+    for (int i = 0; i < ndim; ++i) {
+      const int64_t want = expect[4 - ndim + i];
+      if (k.shape(i) != want || v.shape(i) != want) {
+        raise_error("InvalidRequestError", "k and v must have the same shape [" +
+                                               std::string(all_layers ? "n_layers=" + std::to_string(c.n_layers) + ", " : "") +
+                                               "n, n_kv_heads=" + std::to_string(c.n_kv_heads) +
+                                               ", head_dim=" + std::to_string(c.head_dim) + "]");
+      }
+    }
+    const int32_t layer0 = all_layers ? 0 : layer.cast<int32_t>();
+    const int32_t n_layers = all_layers ? c.n_layers : 1;
+    auto kc = py::array_t<float, py::array::c_style>::ensure(k);
+    auto vc = py::array_t<float, py::array::c_style>::ensure(v);
+    const int64_t n = k.shape(ndim - 3);
+    lme::Status s;
+    {
+      py::gil_scoped_release release;
+      std::lock_guard<std::mutex> lock(mutex_);
+      s = engine_->seq_write_kv(seq, layer0, n_layers, pos0, n, kc.data(), vc.data());
+    }
+    raise_if_error(s);
+  }
+  py::tuple seq_read_kv(int32_t seq, int32_t layer, int64_t pos0, int64_t n) {
+    const lme::ModelConfig& c = engine_->config();
+    if (n < 0) raise_error("InvalidRequestError", "n must be >= 0");
+    py::array_t<float> k({n, int64_t(c.n_kv_heads), int64_t(c.head_dim)});
+    py::array_t<float> v({n, int64_t(c.n_kv_heads), int64_t(c.head_dim)});
+    lme::Status s;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      s = engine_->seq_read_kv(seq, layer, pos0, n, k.mutable_data(), v.mutable_data());
+    }
+    raise_if_error(s);
+    return py::make_tuple(k, v);
+  }
+
   py::dict op_seconds() {
     std::lock_guard<std::mutex> lock(mutex_);
     py::dict d;
@@ -402,6 +456,13 @@ void bind_engine(py::module_& m) {
       .def("sparse_counters", &PyEngine::sparse_counters,
            "Sparse decode tokens, candidate and selected blocks (per token, layer and KV head) and "
            "the KV bytes they read vs dense, since the last reset_op_seconds.")
+      .def("seq_write_kv", &PyEngine::seq_write_kv, py::arg("seq"), py::arg("pos0"), py::arg("k"), py::arg("v"),
+           py::arg("layer") = py::none(),
+           "Writes post-RoPE K and V rows of positions [pos0, pos0 + n) into a sequence's pages. k, v: "
+           "float32 [n_layers, n, n_kv_heads, head_dim] (every layer; may extend the sequence, pos0 <= "
+           "length) or [n, n_kv_heads, head_dim] for one `layer` (within the length).")
+      .def("seq_read_kv", &PyEngine::seq_read_kv, py::arg("seq"), py::arg("layer"), py::arg("pos0"), py::arg("n"),
+           "(k, v) of positions [pos0, pos0 + n) of one layer, float32 [n, n_kv_heads, head_dim].")
       .def("op_seconds", &PyEngine::op_seconds,
            "Wall seconds per op kind accumulated since the last reset, with steps and tokens.")
       .def("reset_op_seconds", &PyEngine::reset_op_seconds)

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "lmengine/attention.h"
+#include "lmengine/attention_chunk.h"
 #include "lmengine/kv_cache.h"
 #include "lmengine/ops.h"
 
@@ -231,6 +232,106 @@ py::array_t<float> attention_paged(const py::array& q, const py::array& k, const
   return out;
 }
 
+// Queries of a chunk at `positions` over keys/values 0..L-1 of a one-layer cache with Hkv KV
+// heads, through the engine's plan (tiles x KV heads x key segments, then merges). Logical page
+// i lives in pool page page_order[i]; slots past L-1 hold NaN.
+py::array_t<float> attention_chunk(const py::array& q, const py::array& k, const py::array& v,
+                                   const py::array& positions, int64_t page_size,
+                                   const std::string& kv_dtype, const py::array& page_order,
+                                   int64_t sliding_window, py::object scale_arg,
+                                   int64_t segment_keys) {
+  check_array(q, py::dtype::of<float>(), 3, "q");
+  check_array(k, py::dtype::of<float>(), 3, "k");
+  check_array(v, py::dtype::of<float>(), 3, "v");
+  check_array(positions, py::dtype::of<int32_t>(), 1, "positions");
+  check_array(page_order, py::dtype::of<int32_t>(), 1, "page_order");
+  const lme::KVDType dtype = parse_kv_dtype(kv_dtype);
+  const int64_t n = q.shape(0), H = q.shape(1), D = q.shape(2), L = k.shape(0), Hkv = k.shape(1);
+  if (n < 1 || n > (1 << 20)) throw py::value_error("q must hold 1 .. 2^20 tokens, got shape " + shape_str(q));
+  if (D < 1 || D > 4096) throw py::value_error("head_dim must be in [1, 4096], got shape " + shape_str(q));
+  if (L < 1) throw py::value_error("k must hold at least one token, got shape " + shape_str(k));
+  if (Hkv < 1 || H < 1 || H % Hkv != 0 || H / Hkv > 256) {
+    throw py::value_error("q heads must be a positive multiple (<= 256x) of k heads, got q " + shape_str(q) +
+                          ", k " + shape_str(k));
+  }
+  check_dim(k, 2, D, "k", "q.shape[2]");
+  check_dim(v, 0, L, "v", "k.shape[0]");
+  check_dim(v, 1, Hkv, "v", "k.shape[1]");
+  check_dim(v, 2, D, "v", "q.shape[2]");
+  check_dim(positions, 0, n, "positions", "q.shape[0]");
+  if (page_size < 1 || page_size > 4096) {
+    throw py::value_error("page_size must be in [1, 4096], got " + std::to_string(page_size));
+  }
+  if (sliding_window < 0 || sliding_window > std::numeric_limits<int32_t>::max()) {
+    throw py::value_error("sliding_window must be >= 0");
+  }
+  if (segment_keys < 1) throw py::value_error("segment_keys must be >= 1");
+  const int32_t* pos = static_cast<const int32_t*>(positions.data());
+  for (int64_t i = 0; i < n; ++i) {
+    if (pos[i] < 0 || pos[i] >= L) {
+      throw py::value_error("positions must lie in [0, L - 1] = [0, " + std::to_string(L - 1) + "]; entry " +
+                            std::to_string(i) + " is " + std::to_string(pos[i]));
+    }
+  }
+  const int64_t n_logical = (L + page_size - 1) / page_size;
+  check_dim(page_order, 0, n_logical, "page_order", "ceil(L / page_size)");
+  const int32_t* order = static_cast<const int32_t*>(page_order.data());
+  std::vector<bool> used(static_cast<size_t>(n_logical), false);
+  for (int64_t i = 0; i < n_logical; ++i) {
+    if (order[i] < 0 || order[i] >= n_logical || used[order[i]]) {
+      throw py::value_error("page_order must be a permutation of range(" + std::to_string(n_logical) +
+                            "); entry " + std::to_string(i) + " is " + std::to_string(order[i]));
+    }
+    used[order[i]] = true;
+  }
+  const float scale =
+      scale_arg.is_none() ? 1.0f / std::sqrt(static_cast<float>(D)) : scale_arg.cast<float>();
+
+  lme::KVCacheConfig config;
+  config.n_layers = 1;
+  config.n_kv_heads = static_cast<int32_t>(Hkv);
+  config.head_dim = static_cast<int32_t>(D);
+  config.page_size = static_cast<int32_t>(page_size);
+  config.n_pages = n_logical;
+  config.dtype = dtype;
+  lme::KVCache cache(config);
+  if (!cache.allocated()) throw py::value_error("could not allocate the KV pool");
+
+  py::array_t<float> out({n, H, D});
+  const float *qp = f32_in(q), *kp = f32_in(k), *vp = f32_in(v);
+  float* op = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    const std::vector<float> stale(static_cast<size_t>(D), std::numeric_limits<float>::quiet_NaN());
+    for (int64_t t = 0; t < n_logical * page_size; ++t) {
+      for (int64_t h = 0; h < Hkv; ++h) {
+        const float* kr = t < L ? kp + (t * Hkv + h) * D : stale.data();
+        const float* vr = t < L ? vp + (t * Hkv + h) * D : stale.data();
+        lme::kv_store_token(cache, order[t / page_size], 0, static_cast<int32_t>(h), t % page_size, kr, vr);
+      }
+    }
+    const int32_t group = static_cast<int32_t>(H / Hkv);
+    lme::ChunkAttentionPlan plan;
+    lme::chunk_attention_plan_add(plan, order, 0, pos, static_cast<int32_t>(n), static_cast<int32_t>(Hkv),
+                                  static_cast<int32_t>(page_size), static_cast<int32_t>(sliding_window),
+                                  segment_keys);
+    std::vector<float> scratch(static_cast<size_t>(lme::attention_chunk_scratch_floats(
+        lme::kChunkTileTokens * group, static_cast<int32_t>(page_size), static_cast<int32_t>(D))));
+    std::vector<float> partials(static_cast<size_t>(
+        plan.n_partials * lme::chunk_attention_partial_floats(group, static_cast<int32_t>(D))));
+    const lme::ChunkAttentionStep step = {qp, H * D, op, H * D, pos, group, 0, scale,
+                                          static_cast<int32_t>(sliding_window)};
+    for (size_t i = 0; i < plan.items.size(); ++i) {
+      lme::chunk_attention_run_item(plan, static_cast<int64_t>(i), cache, step, scratch.data(), partials.data());
+    }
+    for (size_t i = 0; i < plan.merges.size(); ++i) {
+      lme::chunk_attention_run_merge(plan, static_cast<int64_t>(i), static_cast<int32_t>(D), step,
+                                     partials.data());
+    }
+  }
+  return out;
+}
+
 }  // namespace
 
 void bind_kernels(py::module_& m) {
@@ -258,4 +359,14 @@ void bind_kernels(py::module_& m) {
         " -> float32[group, D]: softmax(scale * q . K[lo..L-1]) . V[lo..L-1] for the query at "
         "position"
         " L-1, K/V stored in kv_dtype with logical page i in pool page page_order[i].");
+  k.def("attention_chunk", &attention_chunk, py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("positions"), py::arg("page_size"), py::arg("kv_dtype"), py::arg("page_order"),
+        py::arg("sliding_window") = 0, py::arg("scale") = py::none(),
+        py::arg("segment_keys") = lme::kChunkSegmentKeys,
+        "attention_chunk(q: float32[n, H, D], k: float32[L, Hkv, D], v: float32[L, Hkv, D],"
+        " positions: int32[n], page_size, kv_dtype, page_order: int32[ceil(L/page_size)],"
+        " sliding_window=0, scale=1/sqrt(D), segment_keys=2048) -> float32[n, H, D]: causal"
+        " attention of query i (at positions[i]) over keys [lo, positions[i]] with the"
+        " query-tiled kernel and the engine's work plan (segment_keys: smallest key segment of"
+        " split tiles). Query head j uses KV head j // (H / Hkv).");
 }

@@ -7,6 +7,7 @@
 #include <unordered_set>
 
 #include "lmengine/attention.h"
+#include "lmengine/attention_chunk.h"
 #include "lmengine/ops.h"
 
 namespace lme {
@@ -145,6 +146,20 @@ struct Engine::Scratch {
   std::vector<float> mm_tmp;              // [thread][2*tokens][rows per chunk]: two-level products
   int64_t row_tmp_len = 0, mm_tmp_len = 0;
   MoEDispatch moe;  // MoE layers' routing and expert scratch
+  // Multi-token chunks: query-tiled attention work plans (attention_chunk.h), one per distinct
+  // sliding window of the layers (Gemma 3: local and global); single tokens keep
+  // attention_paged_one.
+  std::vector<std::pair<int32_t, ChunkAttentionPlan>> chunk_plans;  // (window, plan)
+  std::vector<float> chunk_tmp;       // [thread][attention_chunk_scratch_floats]
+  std::vector<float> chunk_partials;  // [partial slot][chunk_attention_partial_floats]
+  std::vector<int64_t> single_tokens;  // step tokens that are a sequence's only new token
+  int64_t chunk_tmp_len = 0;
+  ChunkAttentionPlan& plan_for_window(int32_t window) {
+    for (auto& [w, plan] : chunk_plans) {
+      if (w == window) return plan;
+    }
+    return chunk_plans.front().second;  // unreachable: every layer's window has a plan
+  }
 };
 
 Engine::Engine(ModelConfig config, ModelWeights weights, const KVCacheConfig& kv_config, int n_threads)
@@ -251,6 +266,11 @@ void Engine::ensure_scratch(int64_t n_tokens, int64_t n_out, int64_t max_ctx) {
     S.scores.assign(int64_t(pool_.size()) * g * S.cap_ctx, 0.f);
     S.kv_tmp.assign(int64_t(pool_.size()) * 2 * kv_.config().page_size * c.head_dim, 0.f);
   }
+  if (S.chunk_tmp.empty()) {
+    const int32_t rows = kChunkTileTokens * (c.n_heads / c.n_kv_heads);
+    S.chunk_tmp_len = attention_chunk_scratch_floats(rows, kv_.config().page_size, c.head_dim);
+    S.chunk_tmp.assign(pool_.size() * S.chunk_tmp_len, 0.f);
+  }
 }
 
 Status Engine::step(const std::vector<StepSequence>& batch, float* logits) {
@@ -334,7 +354,33 @@ Status Engine::step(const std::vector<StepSequence>& batch, float* logits) {
   }
   const SparseCounters sparse_before = sparse_.counters();
   sparse_.finish_plan(pool_.size());
-  // forward() runs 2 + 11 per dense layer ops, + 4 with sparse attention (MoE layers: 9 +
+  if (S.chunk_plans.empty()) {
+    // One plan per distinct window (built once; cleared and refilled every step).
+    std::vector<int32_t> windows(c.layer_sliding_window.begin(), c.layer_sliding_window.end());
+    if (windows.empty()) windows.push_back(c.sliding_window);
+    for (int32_t w : windows) {
+      const bool known = std::any_of(S.chunk_plans.begin(), S.chunk_plans.end(),
+                                     [&](const auto& wp) { return wp.first == w; });
+      if (!known) S.chunk_plans.emplace_back(w, ChunkAttentionPlan());
+    }
+  }
+  S.single_tokens.clear();
+  for (auto& wp : S.chunk_plans) wp.second.clear();
+  int64_t max_partials = 0;
+  for (auto& [window, plan] : S.chunk_plans) {
+    for (int64_t b = 0, t0 = 0; b < static_cast<int64_t>(batch.size()); t0 += batch[b].n_tokens, ++b) {
+      if (batch[b].n_tokens == 1) continue;
+      chunk_attention_plan_add(plan, kv_.seq_pages(batch[b].seq).data(), t0, &S.tok_pos[t0], batch[b].n_tokens,
+                               c.n_kv_heads, kv_.config().page_size, window, kChunkSegmentKeys);
+    }
+    max_partials = std::max(max_partials, plan.n_partials);
+  }
+  for (int64_t b = 0, t0 = 0; b < static_cast<int64_t>(batch.size()); t0 += batch[b].n_tokens, ++b) {
+    if (batch[b].n_tokens == 1) S.single_tokens.push_back(t0);
+  }
+  const int64_t partial_floats = max_partials * chunk_attention_partial_floats(c.n_heads / c.n_kv_heads, c.head_dim);
+  if (partial_floats > static_cast<int64_t>(S.chunk_partials.size())) S.chunk_partials.resize(partial_floats);
+  // forward() runs 2 + 12 per dense layer ops, + 4 with sparse attention (MoE layers: 9 +
   // MoEDispatch::kOpsPerLayer); the bound leaves room to add more.
   const int64_t max_ops = (20 + MoEDispatch::kOpsPerLayer) * int64_t(c.n_layers) + 16;
   counters_.begin_pass(batch, kv_);
@@ -554,9 +600,23 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
     }
 
     pc.set_kind(kOpAttention);
-    // Causal attention over the pages: one work item per (token, KV head) serving its query group.
-    pc.for_chunks(T * c.n_kv_heads, 1, [&](int64_t i0, int64_t) {
-      const int64_t t = i0 / c.n_kv_heads;
+    // Causal attention over the pages. Multi-token chunks: the query-tiled plan's items (tile x KV
+    // head x key segment), then the merges of segmented tiles. Single tokens: one work item per
+    // (token, KV head) serving its query group; block-sparse ones ran above.
+    const ChunkAttentionPlan& chunk_plan = S.plan_for_window(static_cast<int32_t>(window));
+    const ChunkAttentionStep chunk_step = {S.q.data(), q_dim, S.attn.data(), q_dim, S.tok_pos.data(),
+                                           static_cast<int32_t>(group), l, c.attn_scale,
+                                           static_cast<int32_t>(window)};
+    const int64_t n_chunk_items = static_cast<int64_t>(chunk_plan.items.size());
+    const int64_t n_single = static_cast<int64_t>(S.single_tokens.size());
+    pc.for_chunks(n_chunk_items + n_single * c.n_kv_heads, 1, [&](int64_t i0, int64_t) {
+      if (i0 < n_chunk_items) {
+        chunk_attention_run_item(chunk_plan, i0, kv_, chunk_step, &S.chunk_tmp[pc.tid() * S.chunk_tmp_len],
+                                 S.chunk_partials.data());
+        return;
+      }
+      i0 -= n_chunk_items;
+      const int64_t t = S.single_tokens[i0 / c.n_kv_heads];
       if (sparse_.is_sparse(t)) return;
       const int32_t h = static_cast<int32_t>(i0 % c.n_kv_heads);
       const int32_t seq = batch[S.tok_seq[t]].seq;
@@ -568,6 +628,11 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
                           kv_, kv_.seq_pages(seq).data(), l, h, lo, pos, scratch,
                           &S.attn[t * q_dim + int64_t(h) * group * hd]);
     });
+    if (!chunk_plan.merges.empty()) {
+      pc.for_chunks(static_cast<int64_t>(chunk_plan.merges.size()), 1, [&](int64_t i0, int64_t) {
+        chunk_attention_run_merge(chunk_plan, i0, c.head_dim, chunk_step, S.chunk_partials.data());
+      });
+    }
 
     // Output projection.
     pc.set_kind(kOpNormQuant);

@@ -126,6 +126,16 @@ class Engine {
   // output_rows(batch) x vocab_size floats to `logits`. On error nothing is changed.
   Status step(const std::vector<StepSequence>& batch, float* logits);
 
+  // K/V import (KV transfer, prefix restore; kv_import.cpp): writes post-RoPE K and V of positions
+  // [pos0, pos0 + n) for layers [layer0, layer0 + n_layers) into the sequence's pages, in the
+  // cache's dtype. k, v: [n_layers][n][n_kv_heads][head_dim] fp32. pos0 <= length (no gaps); a
+  // write past the length must cover every layer, and then the length becomes pos0 + n.
+  // Validates everything (and reserves pages) before writing; on error nothing is changed.
+  Status seq_write_kv(int32_t seq, int32_t layer0, int32_t n_layers, int64_t pos0, int64_t n, const float* k,
+                      const float* v);
+  // Reads positions [pos0, pos0 + n) < length of one layer back as fp32 [n][n_kv_heads][head_dim].
+  Status seq_read_kv(int32_t seq, int32_t layer, int64_t pos0, int64_t n, float* k, float* v);
+
   // Accumulated wall seconds per OpKind since the last reset, plus steps and tokens run.
   const double* op_seconds() const { return op_seconds_; }
   int64_t steps_run() const { return steps_run_; }

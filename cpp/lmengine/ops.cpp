@@ -7,6 +7,10 @@
 #include "lmengine/kv_cache.h"
 #include "lmengine/quant.h"
 
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
 namespace lme {
 
 namespace {
@@ -106,7 +110,15 @@ void kv_to_f32(int32_t kv_dtype, const void* src, float* dst, int64_t n) {
       return;
     case KVDType::F16: {
       const uint16_t* s = static_cast<const uint16_t*>(src);
-      for (int64_t i = 0; i < n; ++i) dst[i] = fp16_to_fp32(s[i]);
+      int64_t i = 0;
+#if defined(__F16C__)
+      // fp16 -> fp32 is exact either way; the hardware conversion is ~8x faster than the scalar
+      // one, which matters when long-context attention converts every page it reads.
+      for (; i + 8 <= n; i += 8) {
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i))));
+      }
+#endif
+      for (; i < n; ++i) dst[i] = fp16_to_fp32(s[i]);
       return;
     }
     case KVDType::BF16: {

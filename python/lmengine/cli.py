@@ -1,4 +1,4 @@
-"""The ``lmengine`` command: pull, list, generate, chat, bench, serve."""
+"""The ``lmengine`` command: pull, list, generate, chat, bench, profile, serve."""
 
 from __future__ import annotations
 
@@ -216,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     from lmengine.bench_cli import add_bench_parser
 
     add_bench_parser(sub)
+
+    from lmengine.profile_cli import add_profile_parser
+
+    add_profile_parser(sub)
 
     from lmengine.serving.cli import add_serve_parser
 

@@ -1,0 +1,430 @@
+#include "lmengine/attention_chunk.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "lmengine/ops.h"
+
+namespace lme {
+
+namespace {
+
+// Eight floats as one value (one AVX register; two SSE ones, or scalar code, elsewhere): the
+// register blocking below is written out instead of left to the vectoriser. GCC/Clang contract
+// `acc += a * b` into FMA where the target has it.
+typedef float v8f __attribute__((vector_size(32)));
+
+inline v8f load8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// s[r][0 .. 8*NV) = sum_d q[r][d] * kt[d][0 .. 8*NV) for MR rows; kt is a transposed K page
+// (row stride 8*NV = page_size). MR x NV accumulators stay in registers over head_dim; each d
+// costs NV loads and MR broadcasts for MR * NV FMAs. 6 x 2 (12 of AVX2's 16 registers) measured
+// 1.4x faster than 4 x 2 at page_size 16.
+template <int MR, int NV>
+inline void scores_rows(const float* q, int64_t hd, const float* kt, float* s, int64_t lds) {
+  constexpr int ps = 8 * NV;
+  v8f acc[MR][NV] = {};
+  for (int64_t d = 0; d < hd; ++d) {
+    v8f k[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) k[v] = load8(kt + d * ps + 8 * v);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const float qv = q[r * hd + d];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] += qv * k[v];
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    for (int v = 0; v < NV; ++v) store8(s + r * lds + 8 * v, acc[r][v]);
+  }
+}
+
+template <int MR, int NV>
+void scores_all(const float* q, int32_t rows, int64_t hd, const float* kt, float* s, int64_t lds) {
+  int32_t r = 0;
+  for (; r + MR <= rows; r += MR) scores_rows<MR, NV>(q + r * hd, hd, kt, s + r * lds, lds);
+  if (MR > 2 && r + 2 <= rows) {  // GQA groups of 4: 16 x 4 rows leave 4 after blocks of 6
+    scores_rows<2, NV>(q + r * hd, hd, kt, s + r * lds, lds);
+    r += 2;
+  }
+  for (; r < rows; ++r) scores_rows<1, NV>(q + r * hd, hd, kt, s + r * lds, lds);
+}
+
+void scores_generic(const float* q, int32_t rows, int64_t hd, const float* kt, int64_t ps, float* s,
+                    int64_t lds) {
+  for (int32_t r = 0; r < rows; ++r) {
+    float* sr = s + r * lds;
+    for (int64_t j = 0; j < ps; ++j) sr[j] = 0.f;
+    for (int64_t d = 0; d < hd; ++d) {
+      const float qv = q[r * hd + d];
+      for (int64_t j = 0; j < ps; ++j) sr[j] += qv * kt[d * ps + j];
+    }
+  }
+}
+
+// s[r][0 .. ps) (row stride lds) = q[R][hd] · kt, kt: [hd][ps].
+void page_scores(const float* q, int32_t rows, int64_t hd, const float* kt, int64_t ps, float* s, int64_t lds) {
+  switch (ps) {
+    case 8:
+      scores_all<8, 1>(q, rows, hd, kt, s, lds);
+      return;
+    case 16:
+      scores_all<6, 2>(q, rows, hd, kt, s, lds);
+      return;
+    case 32:
+      scores_all<2, 4>(q, rows, hd, kt, s, lds);
+      return;
+    default:
+      scores_generic(q, rows, hd, kt, ps, s, lds);
+  }
+}
+
+// o[r][c .. c+16) = alpha[r] * o[r][..] + sum_{j0 <= j <= j1} p[r][j] * v[j][..] for MR rows
+// (alpha null: 1), one 16-column block of head_dim at a time (MR x 2 accumulators).
+template <int MR>
+inline void pv_rows(const float* p, int64_t ps, const float* alpha, const float* v, int64_t hd, int64_t j0,
+                    int64_t j1, float* o) {
+  for (int64_t c = 0; c < hd; c += 16) {
+    v8f acc[MR][2];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const float a = alpha != nullptr ? alpha[r] : 1.0f;
+      acc[r][0] = a * load8(o + r * hd + c);
+      acc[r][1] = a * load8(o + r * hd + c + 8);
+    }
+    for (int64_t j = j0; j <= j1; ++j) {
+      const v8f v0 = load8(v + j * hd + c), v1 = load8(v + j * hd + c + 8);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        const float pj = p[r * ps + j];
+        acc[r][0] += pj * v0;
+        acc[r][1] += pj * v1;
+      }
+    }
+    for (int r = 0; r < MR; ++r) {
+      store8(o + r * hd + c, acc[r][0]);
+      store8(o + r * hd + c + 8, acc[r][1]);
+    }
+  }
+}
+
+void page_pv(const float* p, int32_t rows, int64_t ps, const float* alpha, const float* v, int64_t hd,
+             int64_t j0, int64_t j1, float* o) {
+  if (hd % 16 == 0) {
+    int32_t r = 0;
+    for (; r + 6 <= rows; r += 6) {
+      pv_rows<6>(p + r * ps, ps, alpha != nullptr ? alpha + r : nullptr, v, hd, j0, j1, o + r * hd);
+    }
+    for (; r + 2 <= rows; r += 2) {
+      pv_rows<2>(p + r * ps, ps, alpha != nullptr ? alpha + r : nullptr, v, hd, j0, j1, o + r * hd);
+    }
+    for (; r < rows; ++r) pv_rows<1>(p + r * ps, ps, alpha != nullptr ? alpha + r : nullptr, v, hd, j0, j1, o + r * hd);
+    return;
+  }
+  for (int32_t r = 0; r < rows; ++r) {
+    float* orow = o + r * hd;
+    if (alpha != nullptr) {
+      for (int64_t d = 0; d < hd; ++d) orow[d] *= alpha[r];
+    }
+    for (int64_t j = j0; j <= j1; ++j) {
+      const float pj = p[r * ps + j];
+      for (int64_t d = 0; d < hd; ++d) orow[d] += pj * v[j * hd + d];
+    }
+  }
+}
+
+// Row helpers of the softmax over one block (n = its width). Vector forms when n % 8 == 0:
+// scalar max/sum reductions would be a serial dependency chain per row, as long as the FMA work.
+inline float horizontal_max(v8f v) {
+  float a[8];
+  std::memcpy(a, &v, sizeof(v));
+  float m = a[0];
+  for (int i = 1; i < 8; ++i) m = a[i] > m ? a[i] : m;
+  return m;
+}
+inline float horizontal_sum(v8f v) {
+  float a[8];
+  std::memcpy(a, &v, sizeof(v));
+  return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+}
+
+// row *= scale; returns max(row).
+float row_scale_max(float* row, int64_t n, float scale) {
+  if (n % 8 == 0) {
+    v8f mv = load8(row) * scale;
+    store8(row, mv);
+    for (int64_t j = 8; j < n; j += 8) {
+      const v8f r = load8(row + j) * scale;
+      store8(row + j, r);
+      mv = r > mv ? r : mv;
+    }
+    return horizontal_max(mv);
+  }
+  float mx = kNegInf;
+  for (int64_t j = 0; j < n; ++j) {
+    row[j] *= scale;
+    mx = row[j] > mx ? row[j] : mx;
+  }
+  return mx;
+}
+
+float row_sum(const float* row, int64_t n) {
+  if (n % 8 == 0) {
+    v8f acc = load8(row);
+    for (int64_t j = 8; j < n; j += 8) acc += load8(row + j);
+    return horizontal_sum(acc);
+  }
+  float sum = 0.f;
+  for (int64_t j = 0; j < n; ++j) sum += row[j];
+  return sum;
+}
+
+}  // namespace
+
+// Pages per softmax block: the per-row bookkeeping (mask, max, rescale) is paid once per block.
+constexpr int64_t kBlockPages = 4;
+
+int64_t attention_chunk_scratch_floats(int32_t rows, int32_t page_size, int32_t head_dim) {
+  const int64_t block = kBlockPages * page_size;
+  return 2 * int64_t(rows) * head_dim + int64_t(rows) * block + 3 * int64_t(rows) + 2 * block * head_dim;
+}
+
+void attention_chunk_tile(const ChunkAttentionTile& t, KVCache& kv, float* scratch, float* out,
+                          int64_t out_stride, float* lse) {
+  const KVCacheConfig& c = kv.config();
+  const int64_t hd = c.head_dim, ps = c.page_size, bw = kBlockPages * ps;
+  const int32_t dt = static_cast<int32_t>(c.dtype);
+  const bool f32 = c.dtype == KVDType::F32;
+  const int64_t elem = kv_dtype_bytes(c.dtype);
+  const int32_t G = t.group, R = t.n_q * t.group;
+  float* qs = scratch;           // [R][hd] the tile's queries, contiguous
+  float* o = qs + R * hd;        // [R][hd] running output (unnormalised)
+  float* s = o + R * hd;         // [R][bw] scores of a block of pages, then probabilities
+  float* m = s + R * bw;         // [R] running max of the scaled scores
+  float* l = m + R;              // [R] running sum of exp(score - m)
+  float* alpha = l + R;          // [R] rescale of o and l for the current block
+  float* kbuf = alpha + R;       // [kBlockPages][hd][ps] converted K pages
+  float* vbuf = kbuf + bw * hd;  // [kBlockPages][ps][hd] converted V rows
+
+  // Per token: the keys it may see, [lo, hi]; the tile visits the union [kmin, kmax].
+  int64_t lo[kChunkTileTokens], hi[kChunkTileTokens];
+  int64_t kmin = std::numeric_limits<int64_t>::max(), kmax = -1;
+  for (int32_t i = 0; i < t.n_q; ++i) {
+    const int64_t pos = t.positions[i];
+    const int64_t w_lo = t.sliding_window > 0 ? std::max<int64_t>(0, pos - t.sliding_window + 1) : 0;
+    lo[i] = std::max(w_lo, t.key_begin);
+    hi[i] = std::min(pos, t.key_end - 1);
+    if (lo[i] <= hi[i]) {
+      kmin = std::min(kmin, lo[i]);
+      kmax = std::max(kmax, hi[i]);
+    }
+  }
+  for (int32_t r = 0; r < R; ++r) {
+    const float* qr = t.q + (r / G) * t.q_stride + (r % G) * hd;
+    std::copy(qr, qr + hd, qs + r * hd);
+    m[r] = kNegInf;
+    l[r] = 0.f;
+  }
+  std::fill(o, o + R * hd, 0.f);
+
+  const float* kt[kBlockPages];
+  const float* vp[kBlockPages];
+  // Blocks sit at absolute multiples of bw (pages before kmin are skipped, their columns masked):
+  // with the same block grid and lanes, a row's arithmetic does not depend on which other tokens
+  // share its tile, so chunking a prompt differently changes no bit of an unsegmented row.
+  for (int64_t b0 = kmax < 0 ? 0 : kmin - kmin % bw; kmax >= 0 && b0 <= kmax; b0 += bw) {
+    const int64_t n_pages = std::min(kBlockPages, (kmax - b0) / ps + 1);
+    // Union of the rows' ranges within this block: every slot in it holds a written position.
+    // Columns before jlo (skipped pages included) are masked for every row.
+    const int64_t jlo = std::max(kmin, b0) - b0, jhi = std::min(kmax, b0 + n_pages * ps - 1) - b0;
+    for (int64_t b = 0; b < n_pages; ++b) {
+      if (b0 + (b + 1) * ps <= kmin) continue;  // before every row's range: masked below
+      const int32_t page = t.pages[(b0 + b * ps) / ps];
+      if (f32) {
+        kt[b] = reinterpret_cast<const float*>(kv.k_block(page, t.layer, t.head));
+        vp[b] = reinterpret_cast<const float*>(kv.v_block(page, t.layer, t.head));
+      } else {
+        const int64_t v0 = std::max<int64_t>(jlo - b * ps, 0), v1 = std::min<int64_t>(jhi - b * ps, ps - 1);
+        kv_to_f32(dt, kv.k_block(page, t.layer, t.head), kbuf + b * ps * hd, ps * hd);
+        if (v0 <= v1) {
+          kv_to_f32(dt, kv.v_block(page, t.layer, t.head) + v0 * hd * elem, vbuf + (b * ps + v0) * hd,
+                    (v1 - v0 + 1) * hd);
+        }
+        kt[b] = kbuf + b * ps * hd;
+        vp[b] = vbuf + b * ps * hd;
+      }
+      page_scores(qs, R, hd, kt[b], ps, s + b * ps, bw);
+    }
+
+    // Mask each row to its range (a select, so stale NaN scores vanish; -inf stays -inf through
+    // scale and shift and gives p = 0), then the online-softmax update: alpha = exp(m_old -
+    // m_new), p = exp(s - m_new), l = alpha * l + sum(p).
+    const int64_t width = n_pages * ps;
+    for (int32_t r = 0; r < R; ++r) {
+      const int32_t i = r / G;
+      float* row = s + r * bw;
+      const int64_t rlo = std::max(lo[i], b0) - b0, rhi = std::min(hi[i], b0 + width - 1) - b0;
+      if (rlo > rhi) {
+        for (int64_t j = 0; j < width; ++j) row[j] = kNegInf;
+        alpha[r] = 0.f;  // exp(0) = 1: nothing changes
+        continue;
+      }
+      for (int64_t j = 0; j < rlo; ++j) row[j] = kNegInf;
+      for (int64_t j = rhi + 1; j < width; ++j) row[j] = kNegInf;
+      // Scaled after the dot product (not folded into q) so a large scale adds no rounding.
+      const float mx = row_scale_max(row, width, t.scale);
+      const float m_new = std::max(m[r], mx);
+      alpha[r] = m[r] - m_new;  // -inf on the row's first keys: exp gives 0
+      for (int64_t j = 0; j < width; ++j) row[j] -= m_new;
+      m[r] = m_new;
+    }
+    if (width == bw) {
+      exp_inplace(s, R * bw);
+    } else {
+      for (int32_t r = 0; r < R; ++r) exp_inplace(s + r * bw, width);
+    }
+    exp_inplace(alpha, R);
+    for (int32_t r = 0; r < R; ++r) l[r] = l[r] * alpha[r] + row_sum(s + r * bw, width);
+    bool rescaled = false;  // o is rescaled by alpha with the block's first page
+    for (int64_t b = 0; b < n_pages; ++b) {
+      const int64_t j0 = std::max<int64_t>(jlo - b * ps, 0), j1 = std::min<int64_t>(jhi - b * ps, ps - 1);
+      if (j0 > j1) continue;
+      page_pv(s + b * ps, R, bw, rescaled ? nullptr : alpha, vp[b], hd, j0, j1, o);
+      rescaled = true;
+    }
+  }
+
+  for (int32_t r = 0; r < R; ++r) {
+    float* dst = out + (r / G) * out_stride + (r % G) * hd;
+    const float inv = l[r] > 0.f ? 1.0f / l[r] : 0.f;
+    for (int64_t d = 0; d < hd; ++d) dst[d] = o[r * hd + d] * inv;
+    if (lse != nullptr) lse[r] = l[r] > 0.f ? m[r] + std::log(l[r]) : kNegInf;
+  }
+}
+
+void attention_chunk_merge(const float* const* part_o, const float* const* part_lse, int32_t n_parts,
+                           int32_t n_q, int32_t group, int32_t head_dim, float* out, int64_t out_stride) {
+  const int32_t R = n_q * group;
+  float w[kChunkMaxSegments + 1];
+  for (int32_t r = 0; r < R; ++r) {
+    float* dst = out + (r / group) * out_stride + (r % group) * head_dim;
+    float mx = kNegInf;
+    for (int32_t p = 0; p < n_parts; ++p) mx = std::max(mx, part_lse[p][r]);
+    if (mx == kNegInf) {
+      std::fill(dst, dst + head_dim, 0.f);
+      continue;
+    }
+    float sum = 0.f;
+    for (int32_t p = 0; p < n_parts; ++p) {
+      w[p] = part_lse[p][r] == kNegInf ? 0.f : std::exp(part_lse[p][r] - mx);
+      sum += w[p];
+    }
+    const float inv = 1.0f / sum;
+    std::fill(dst, dst + head_dim, 0.f);
+    for (int32_t p = 0; p < n_parts; ++p) {
+      if (w[p] == 0.f) continue;
+      const float wp = w[p] * inv;
+      const float* src = part_o[p] + int64_t(r) * head_dim;
+      for (int32_t d = 0; d < head_dim; ++d) dst[d] += wp * src[d];
+    }
+  }
+}
+
+int64_t chunk_attention_partial_floats(int32_t group, int32_t head_dim) {
+  const int64_t rows = int64_t(kChunkTileTokens) * group;
+  return rows * head_dim + rows;
+}
+
+void chunk_attention_plan_add(ChunkAttentionPlan& plan, const int32_t* pages, int64_t t0,
+                              const int32_t* positions, int32_t n_tokens, int32_t n_kv_heads,
+                              int32_t page_size, int32_t sliding_window, int64_t min_segment_keys) {
+  const int32_t n_tiles = (n_tokens + kChunkTileTokens - 1) / kChunkTileTokens;
+  for (int32_t tile = 0; tile < n_tiles; ++tile) {
+    const int32_t a = tile * kChunkTileTokens;
+    const int32_t n_q = std::min(kChunkTileTokens, n_tokens - a);
+    int64_t kmin = std::numeric_limits<int64_t>::max(), kmax = 0;
+    for (int32_t i = a; i < a + n_q; ++i) {
+      const int64_t pos = positions[i];
+      kmin = std::min(kmin, sliding_window > 0 ? std::max<int64_t>(0, pos - sliding_window + 1) : 0);
+      kmax = std::max(kmax, pos);
+    }
+    int64_t seg_len = 0, first = 0, n_seg = 1;
+    if (n_tiles < kChunkTilesWithoutSegments) {
+      // Segments of at least min_segment_keys, at most kChunkMaxSegments (+1 for alignment) per
+      // tile, page-aligned and aligned to absolute positions.
+      const int64_t range = kmax - kmin + 1;
+      seg_len = std::max<int64_t>(std::max<int64_t>(min_segment_keys, 1),
+                                  (range + kChunkMaxSegments - 1) / kChunkMaxSegments);
+      seg_len = (seg_len + page_size - 1) / page_size * page_size;
+      first = kmin / seg_len;
+      n_seg = kmax / seg_len - first + 1;
+    }
+    for (int32_t h = 0; h < n_kv_heads; ++h) {
+      if (n_seg == 1) {
+        plan.items.push_back({pages, t0 + a, n_q, h, kmin, kmax + 1, -1});
+        continue;
+      }
+      plan.merges.push_back({t0 + a, n_q, h, plan.n_partials, static_cast<int32_t>(n_seg)});
+      for (int64_t sgm = 0; sgm < n_seg; ++sgm) {
+        const int64_t kb = (first + sgm) * seg_len;
+        plan.items.push_back({pages, t0 + a, n_q, h, std::max(kb, kmin), std::min(kb + seg_len, kmax + 1),
+                              plan.n_partials++});
+      }
+    }
+  }
+}
+
+void chunk_attention_run_item(const ChunkAttentionPlan& plan, int64_t item, KVCache& kv,
+                              const ChunkAttentionStep& step, float* scratch, float* partials) {
+  const ChunkAttentionItem& it = plan.items[static_cast<size_t>(item)];
+  const int64_t hd = kv.config().head_dim;
+  const int64_t head_off = int64_t(it.head) * step.group * hd;
+  const ChunkAttentionTile tile = {step.q + it.t0 * step.q_stride + head_off,
+                                   step.q_stride,
+                                   step.positions + it.t0,
+                                   it.n_q,
+                                   step.group,
+                                   step.scale,
+                                   step.sliding_window,
+                                   it.pages,
+                                   step.layer,
+                                   it.head,
+                                   it.key_begin,
+                                   it.key_end};
+  if (it.partial < 0) {
+    attention_chunk_tile(tile, kv, scratch, step.out + it.t0 * step.out_stride + head_off, step.out_stride, nullptr);
+    return;
+  }
+  // Partial slot: rows [R][hd] (token i's heads at i * group * hd), then lse[R].
+  float* slot = partials + it.partial * chunk_attention_partial_floats(step.group, static_cast<int32_t>(hd));
+  const int64_t rows_max = int64_t(kChunkTileTokens) * step.group;
+  attention_chunk_tile(tile, kv, scratch, slot, step.group * hd, slot + rows_max * hd);
+}
+
+void chunk_attention_run_merge(const ChunkAttentionPlan& plan, int64_t merge, int32_t head_dim,
+                               const ChunkAttentionStep& step, const float* partials) {
+  const ChunkAttentionMerge& mg = plan.merges[static_cast<size_t>(merge)];
+  const int64_t slot_floats = chunk_attention_partial_floats(step.group, head_dim);
+  const int64_t rows_max = int64_t(kChunkTileTokens) * step.group;
+  const float* part_o[kChunkMaxSegments + 1];
+  const float* part_lse[kChunkMaxSegments + 1];
+  for (int32_t p = 0; p < mg.n_parts; ++p) {
+    part_o[p] = partials + (mg.first_partial + p) * slot_floats;
+    part_lse[p] = part_o[p] + rows_max * head_dim;
+  }
+  attention_chunk_merge(part_o, part_lse, mg.n_parts, mg.n_q, step.group, head_dim,
+                        step.out + mg.t0 * step.out_stride + int64_t(mg.head) * step.group * head_dim,
+                        step.out_stride);
+}
+
+}  // namespace lme
