@@ -152,16 +152,31 @@ def kv_bytes_per_token(llm, kv_dtype: str) -> int:
 
 
 def decode_steps(llm, seqs: list[int], n_steps: int, seed: int = 0) -> list[dict[str, Any]]:
-    """Runs n_steps decode steps (one token per sequence) and returns each step's record:
-    wall seconds, tokens the engine ran, and seconds per op kind."""
+    """Runs n_steps decode steps (one new token per sequence; with attention="resa" a sequence
+    due for rectification feeds its last f tokens again with it, as generation does) and returns
+    each step's record: wall seconds, tokens the engine ran, and seconds per op kind."""
+    from lmengine.resa import ReSACycle
+
     eng = llm._engine
     rng = np.random.default_rng(seed)
+    attention = getattr(llm, "attention", "dense")
+    cycles = [ReSACycle(attention, getattr(llm, "resa", None)) for _ in seqs]
+    fed: list[list[int]] = [[] for _ in seqs]
     records = []
     for _ in range(n_steps):
-        toks = [rng.integers(0, llm.spec.vocab_size, 1).astype(np.int32) for _ in seqs]
+        toks, sparse = [], []
+        for i, seq in enumerate(seqs):
+            new = int(rng.integers(0, llm.spec.vocab_size))
+            rewind, is_sparse = cycles[i].decode()
+            if rewind:
+                eng.seq_truncate(seq, eng.seq_length(seq) - rewind)
+            toks.append(np.asarray(fed[i][len(fed[i]) - rewind :] + [new], dtype=np.int32))
+            fed[i].append(new)
+            sparse.append(is_sparse)
+        extra = (sparse,) if attention != "dense" else ()
         eng.reset_op_seconds()
         t0 = time.perf_counter()
-        eng.step(seqs, toks, [False] * len(seqs))
+        eng.step(seqs, toks, [False] * len(seqs), *extra)
         wall = time.perf_counter() - t0
         ops = eng.op_seconds()
         records.append(
