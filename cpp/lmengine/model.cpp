@@ -102,6 +102,11 @@ struct Engine::Scratch {
   std::vector<float> row_tmp;             // [thread][widest row]: residual quantization
   std::vector<float> mm_tmp;              // [thread][2*tokens][rows per chunk]: two-level products
   int64_t row_tmp_len = 0, mm_tmp_len = 0;
+  // Tokens (tok_f32, by token) and logit rows (out_f32, by output row) whose products take fp32
+  // activations (ModelConfig::f32_prompt_min_tokens); f32_rows[slot * cap_tokens + t] is the fp32
+  // row prepare() left for activation slot `slot` instead of converting it.
+  std::vector<uint8_t> tok_f32, out_f32;
+  std::vector<const float*> f32_rows;
 };
 
 Engine::Engine(ModelConfig config, ModelWeights weights, const KVCacheConfig& kv_config, int n_threads)
@@ -167,10 +172,13 @@ void Engine::ensure_scratch(int64_t n_tokens, int64_t n_out, int64_t max_ctx) {
     S.row_tmp.assign(pool_.size() * S.row_tmp_len, 0.f);
     S.mm_tmp_len = 2 * T * kMaxRowsPerChunk;
     S.mm_tmp.assign(pool_.size() * S.mm_tmp_len, 0.f);
+    S.tok_f32.assign(T, 0);
+    S.f32_rows.assign(3 * T, nullptr);
   }
   if (n_out > S.cap_out) {
     S.cap_out = n_out;
     S.out_tok.assign(n_out, 0);
+    S.out_f32.assign(n_out, 0);
   }
   // Scores are indexed from the start of the first page touched and a page is scored whole:
   // the row needs max_ctx plus one page of slack.
@@ -245,7 +253,13 @@ Status Engine::step(const std::vector<StepSequence>& batch, float* logits) {
         S.rope_cos[t * half + j] = std::cos(angle);
         S.rope_sin[t * half + j] = std::sin(angle);
       }
-      if (s.all_logits || i == s.n_tokens - 1) S.out_tok[o++] = t;
+      // The path is chosen per sequence chunk, so a token's numerics never depend on its batch.
+      const bool f32 = c.f32_prompt_min_tokens > 0 && s.n_tokens >= c.f32_prompt_min_tokens;
+      S.tok_f32[t] = f32;
+      if (s.all_logits || i == s.n_tokens - 1) {
+        S.out_f32[o] = f32 && s.all_logits;  // a single logit row is cheaper through 8-bit rows
+        S.out_tok[o++] = t;
+      }
     }
   }
   // forward() runs 2 + 11 per layer ops; the bound leaves room to add more.
@@ -299,11 +313,21 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
   // Which products get two-level activations (bit per product class, see ModelConfig).
   const int32_t two_mask = c.activation_bits > 8 ? c.two_level_mask : 0;
   bool two_now = false;
+  // Per token (per logit row for the LM head): 1 where products take fp32 activations.
+  const uint8_t* f32_now = S.tok_f32.data();
+  auto slot_of = [&](const uint8_t* base) {
+    int i = 0;
+    while (i < 2 && S.act[i].data() != base) ++i;
+    return i;
+  };
 
   // Activation rows of token t for weight type ty: one row at base + t*xs, or with two-level
-  // activations the value row at base + 2t*xs followed by its residual row.
+  // activations the value row at base + 2t*xs followed by its residual row. fp32-path tokens keep
+  // x itself (it stays unchanged until the product has run).
   auto prepare = [&](DType ty, const float* x, uint8_t* base, int64_t t, int64_t k) {
-    if (two_now && activation_is_quantized(ty)) {
+    if (f32_now[t]) {
+      S.f32_rows[slot_of(base) * S.cap_tokens + t] = x;
+    } else if (two_now && activation_is_quantized(ty)) {
       float* tmp = &S.row_tmp[int64_t(pc.tid()) * S.row_tmp_len];
       quantize_activation_row_residual(ty, x, base + 2 * t * xs, base + (2 * t + 1) * xs, tmp, k);
     } else {
@@ -314,8 +338,8 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
   // One barrier-delimited op computing several independent products (e.g. Q, K and V).
   auto run_matmuls = [&](const MatmulJob* jobs, int n_jobs, int64_t n_tok) {
     // Rows per chunk: small enough that both threads stay busy at one token, large enough that
-    // prefill amortises the activation reads.
-    const int64_t rows_per_chunk = n_tok <= 4 ? kMaxRowsPerChunk : 16;
+    // prefill amortises the activation reads (and one fp32 panel group of matmul_rows_f32).
+    const int64_t rows_per_chunk = kMaxRowsPerChunk;
     int64_t first_chunk[4] = {0, 0, 0, 0};
     int64_t total = 0;
     for (int j = 0; j < n_jobs; ++j) {
@@ -330,18 +354,29 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
       const int64_t r0 = (c0 - first_chunk[j]) * rows_per_chunk;
       const int64_t nr = std::min(rows_per_chunk, w.rows - r0);
       const int64_t rb = row_bytes(w);
-      if (!(two_now && activation_is_quantized(w.type))) {
-        matmul_rows(w.type, w.cols, w.data + r0 * rb, rb, nr, job.x, xs, n_tok, job.y + r0, job.ldy);
-        return;
-      }
-      // Value and residual rows go through as 2*n_tok tokens of one tile (weights read once).
-      float* tmp = &S.mm_tmp[int64_t(pc.tid()) * S.mm_tmp_len];
-      matmul_rows(w.type, w.cols, w.data + r0 * rb, rb, nr, job.x, xs, 2 * n_tok, tmp, nr);
-      for (int64_t t = 0; t < n_tok; ++t) {
-        const float* hi = tmp + 2 * t * nr;
-        const float* lo = hi + nr;
-        float* y = job.y + t * job.ldy + r0;
-        for (int64_t r = 0; r < nr; ++r) y[r] = hi[r] + lo[r];
+      const uint8_t* wr = w.data + r0 * rb;
+      const bool two = two_now && activation_is_quantized(w.type);
+      // Runs of consecutive tokens on the same path (sequences are contiguous in the step).
+      for (int64_t t0 = 0, t1; t0 < n_tok; t0 = t1) {
+        for (t1 = t0 + 1; t1 < n_tok && f32_now[t1] == f32_now[t0];) ++t1;
+        const int64_t n = t1 - t0;
+        float* y0 = job.y + t0 * job.ldy + r0;
+        if (f32_now[t0]) {
+          const float* const* rows = &S.f32_rows[slot_of(job.x) * S.cap_tokens + t0];
+          matmul_rows_f32(w.type, w.cols, wr, rb, nr, rows, n, y0, job.ldy);
+        } else if (!two) {
+          matmul_rows(w.type, w.cols, wr, rb, nr, job.x + t0 * xs, xs, n, y0, job.ldy);
+        } else {
+          // Value and residual rows go through as 2n tokens of one tile (weights read once).
+          float* tmp = &S.mm_tmp[int64_t(pc.tid()) * S.mm_tmp_len];
+          matmul_rows(w.type, w.cols, wr, rb, nr, job.x + 2 * t0 * xs, xs, 2 * n, tmp, nr);
+          for (int64_t t = 0; t < n; ++t) {
+            const float* hi = tmp + 2 * t * nr;
+            const float* lo = hi + nr;
+            float* y = y0 + t * job.ldy;
+            for (int64_t r = 0; r < nr; ++r) y[r] = hi[r] + lo[r];
+          }
+        }
       }
     });
   };
@@ -479,6 +514,7 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
   const int64_t n_out = output_rows(batch);
   pc.set_kind(kOpLMHead);
   two_now = two_mask & kTwoLevelHead;
+  f32_now = S.out_f32.data();
   pc.for_chunks(n_out, 1, [&](int64_t o0, int64_t o1) {
     for (int64_t o = o0; o < o1; ++o) {
       const int64_t t = S.out_tok[o];

@@ -36,6 +36,9 @@ struct ModelConfig {
   // to fp32 results; 8: one 8-bit row, as llama.cpp does (faster prefill, ~1% logit error).
   int32_t activation_bits = 16;
   int32_t two_level_mask = 31;  // which products get two-level rows when activation_bits == 16
+  // A sequence's chunk of at least this many tokens (a prompt chunk) multiplies quantized weights
+  // with fp32 activations instead (matmul_rows_f32: faster there, and exact activations); 0: never.
+  int32_t f32_prompt_min_tokens = 8;
 };
 
 // Product classes for ModelConfig::two_level_mask.
