@@ -14,6 +14,13 @@ namespace lme {
 namespace {
 
 constexpr int64_t kMaxRowsPerChunk = 32;
+// Decode (<= kDecodeTokens activation rows per product) streams each weight once. The hardware
+// and software prefetchers start cold at every chunk, so decode chunks are long contiguous runs
+// of rows: about kDecodeChunksPerThread per thread (enough to rebalance when one thread is slow),
+// at most kMaxDecodeChunkRows.
+constexpr int64_t kDecodeTokens = 4;
+constexpr int64_t kDecodeChunksPerThread = 6;
+constexpr int64_t kMaxDecodeChunkRows = 1024;
 
 std::string shape_str(int64_t rows, int64_t cols) {
   return "[" + std::to_string(rows) + ", " + std::to_string(cols) + "]";
@@ -170,7 +177,7 @@ void Engine::ensure_scratch(int64_t n_tokens, int64_t n_out, int64_t max_ctx) {
     for (auto& a : S.act) a.assign(2 * T * S.act_slot_bytes, 0);
     S.row_tmp_len = std::max<int64_t>({c.d_model, c.d_ff, int64_t(c.n_heads) * c.head_dim});
     S.row_tmp.assign(pool_.size() * S.row_tmp_len, 0.f);
-    S.mm_tmp_len = 2 * T * kMaxRowsPerChunk;
+    S.mm_tmp_len = std::max(2 * T * kMaxRowsPerChunk, 2 * kDecodeTokens * kMaxDecodeChunkRows);
     S.mm_tmp.assign(pool_.size() * S.mm_tmp_len, 0.f);
     S.tok_f32.assign(T, 0);
     S.f32_rows.assign(3 * T, nullptr);
@@ -337,22 +344,29 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
 
   // One barrier-delimited op computing several independent products (e.g. Q, K and V).
   auto run_matmuls = [&](const MatmulJob* jobs, int n_jobs, int64_t n_tok) {
-    // Rows per chunk: small enough that both threads stay busy at one token, large enough that
-    // prefill amortises the activation reads (and one fp32 panel group of matmul_rows_f32).
-    const int64_t rows_per_chunk = kMaxRowsPerChunk;
-    int64_t first_chunk[4] = {0, 0, 0, 0};
+    // Rows per chunk: prefill takes kMaxRowsPerChunk (one fp32 panel group of matmul_rows_f32,
+    // amortising the activation reads); decode takes long runs (see kDecodeChunksPerThread).
+    int64_t first_chunk[4] = {0, 0, 0, 0}, chunk_rows[4] = {0, 0, 0, 0};
     int64_t total = 0;
     for (int j = 0; j < n_jobs; ++j) {
+      const int64_t rows = jobs[j].w->rows;
+      int64_t per = kMaxRowsPerChunk;
+      if (n_tok <= kDecodeTokens) {
+        per = (rows + kDecodeChunksPerThread * pc.nth() - 1) / (kDecodeChunksPerThread * pc.nth());
+        per = std::clamp<int64_t>((per + kMaxRowsPerChunk - 1) / kMaxRowsPerChunk * kMaxRowsPerChunk,
+                                  kMaxRowsPerChunk, kMaxDecodeChunkRows);
+      }
+      chunk_rows[j] = per;
       first_chunk[j] = total;
-      total += (jobs[j].w->rows + rows_per_chunk - 1) / rows_per_chunk;
+      total += (rows + per - 1) / per;
     }
     pc.for_chunks(total, 1, [&](int64_t c0, int64_t) {
       int j = n_jobs - 1;
       while (c0 < first_chunk[j]) --j;
       const MatmulJob& job = jobs[j];
       const WeightTensor& w = *job.w;
-      const int64_t r0 = (c0 - first_chunk[j]) * rows_per_chunk;
-      const int64_t nr = std::min(rows_per_chunk, w.rows - r0);
+      const int64_t r0 = (c0 - first_chunk[j]) * chunk_rows[j];
+      const int64_t nr = std::min(chunk_rows[j], w.rows - r0);
       const int64_t rb = row_bytes(w);
       const uint8_t* wr = w.data + r0 * rb;
       const bool two = two_now && activation_is_quantized(w.type);
