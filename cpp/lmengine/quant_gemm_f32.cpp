@@ -80,17 +80,23 @@ inline void bytes_to_floats(__m256i q, __m256 out[4]) {
   }
 }
 
+inline float load_half_scalar(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
 inline __m256 half_to_vec(const uint8_t* p) {
   uint16_t h;
   std::memcpy(&h, p, 2);
   return _mm256_set1_ps(_cvtsh_ss(h));
 }
 
-// dequantize_row for the 32-element block types, same arithmetic (and bits), 8 lanes at a time;
-// false for the other types.
+// dequantize_row with the same arithmetic (so the same bits), 8 lanes at a time; false for F32
+// (dequantize_row is a copy there).
 bool dequantize_row_simd(DType wt, const uint8_t* p, float* dst, int64_t k) {
   using namespace quant_detail;
-  const int64_t nb = k / kQ32;
+  const int64_t nb = k / kQ32;  // blocks, for the 32-element types
   __m256 v[4];
   switch (wt) {
     case DType::Q4_0:
@@ -131,6 +137,68 @@ bool dequantize_row_simd(DType wt, const uint8_t* p, float* dst, int64_t k) {
         const __m256 d = half_to_vec(p);
         bytes_to_floats<true>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2)), v);
         for (int j = 0; j < 4; ++j) _mm256_storeu_ps(dst + 8 * j, _mm256_mul_ps(v[j], d));
+      }
+      return true;
+    case DType::F16:
+      for (int64_t i = 0; i + 8 <= k; i += 8) {
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 2 * i))));
+      }
+      for (int64_t i = k / 8 * 8; i < k; ++i) dst[i] = _cvtsh_ss(static_cast<uint16_t>(p[2 * i] | (p[2 * i + 1] << 8)));
+      return true;
+    case DType::BF16:
+      for (int64_t i = 0; i + 8 <= k; i += 8) {
+        const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 2 * i)));
+        _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(h, 16)));
+      }
+      if (k % 8 != 0) dequantize_row(wt, p + 2 * (k / 8 * 8), dst + k / 8 * 8, k % 8);
+      return true;
+    case DType::Q4_K:
+      for (int64_t b = 0; b < k / kQK; ++b, p += kBytesQ4_K) {
+        const float d = load_half_scalar(p), dmin = load_half_scalar(p + 2);
+        uint8_t sc[8], m[8];
+        q4k_scales_mins(p + 4, sc, m);
+        const uint8_t* qs = p + 16;
+        for (int c = 0; c < 4; ++c, qs += 32, dst += 64) {
+          const __m256 d_lo = _mm256_set1_ps(d * sc[2 * c]), m_lo = _mm256_set1_ps(dmin * m[2 * c]);
+          const __m256 d_hi = _mm256_set1_ps(d * sc[2 * c + 1]), m_hi = _mm256_set1_ps(dmin * m[2 * c + 1]);
+          for (int l = 0; l < 32; l += 8) {
+            const __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs + l)));
+            const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(q, _mm256_set1_epi32(15)));
+            const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(q, 4));
+            _mm256_storeu_ps(dst + l, _mm256_sub_ps(_mm256_mul_ps(d_lo, lo), m_lo));
+            _mm256_storeu_ps(dst + l + 32, _mm256_sub_ps(_mm256_mul_ps(d_hi, hi), m_hi));
+          }
+        }
+      }
+      return true;
+    case DType::Q6_K:
+      for (int64_t b = 0; b < k / kQK; ++b, p += kBytesQ6_K) {
+        const float d = load_half_scalar(p + 208);
+        const int8_t* scales = reinterpret_cast<const int8_t*>(p + 192);
+        for (int half = 0; half < 2; ++half, dst += 128) {
+          const uint8_t* ql = p + 64 * half;
+          const uint8_t* qh = p + 128 + 32 * half;
+          const int8_t* sc = scales + 8 * half;
+          const __m256i low4 = _mm256_set1_epi32(15), low2 = _mm256_set1_epi32(3), off = _mm256_set1_epi32(32);
+          for (int l = 0; l < 32; l += 8) {
+            const int is = l / 16;
+            auto bytes = [](const uint8_t* q) {
+              return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
+            };
+            const __m256i a = bytes(ql + l), c = bytes(ql + l + 32), h = bytes(qh + l);
+            const __m256i q0 = _mm256_or_si256(_mm256_and_si256(a, low4), _mm256_slli_epi32(_mm256_and_si256(h, low2), 4));
+            const __m256i q1 = _mm256_or_si256(_mm256_and_si256(c, low4),
+                                               _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(h, 2), low2), 4));
+            const __m256i q2 = _mm256_or_si256(_mm256_srli_epi32(a, 4),
+                                               _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(h, 4), low2), 4));
+            const __m256i q3 = _mm256_or_si256(_mm256_srli_epi32(c, 4), _mm256_slli_epi32(_mm256_srli_epi32(h, 6), 4));
+            const __m256i qs[4] = {q0, q1, q2, q3};
+            for (int j = 0; j < 4; ++j) {
+              const __m256 scale = _mm256_set1_ps(d * static_cast<float>(sc[is + 2 * j]));
+              _mm256_storeu_ps(dst + l + 32 * j, _mm256_mul_ps(scale, _mm256_cvtepi32_ps(_mm256_sub_epi32(qs[j], off))));
+            }
+          }
+        }
       }
       return true;
     default:
