@@ -12,7 +12,13 @@ LM head), how many GFLOP/s does each product path reach for a prompt chunk of T 
 Each path is validated against float64 numpy before it is timed. Times are the best of --reps
 calls (the machine is shared; the minimum is the least disturbed), one thread everywhere.
 
-Usage: python bench/bench_prefill_gemm.py [--tokens 8,64,512] [--reps 7]
+With --engine-reps N (> 0) it also times the whole engine: greedy generation of one token after a
+--prompt-tokens prompt of license text on the default model, --threads threads, with the fp32
+prompt path on (default) and off (core config f32_prompt_min_tokens=0: every product on two-level
+8-bit rows, as before), the two engines alternating in one process so both see the same load;
+prefill tok/s medians.
+
+Usage: python bench/bench_prefill_gemm.py [--tokens 8,64,512] [--reps 7] [--engine-reps 5]
 Results: a table on stdout, JSON and CSV in bench/results/.
 """
 
@@ -71,10 +77,57 @@ def time_paths(wt: G, raw: np.ndarray, k: int, x: np.ndarray, w_deq: np.ndarray,
     }
 
 
+def engine_prefill(prompt_tokens: int, threads: int, reps: int) -> dict[str, list[float]]:
+    """Prefill tok/s of the default model with the fp32 prompt path on and off, alternating."""
+    import statistics
+
+    from lmengine import LLM, SamplingParams
+    from lmengine.models.spec import ModelSpec
+    from lmengine.registry import resolve_model
+
+    path = resolve_model("smollm2-135m")
+    original = ModelSpec.core_config
+    engines = {}
+    for name, min_tokens in (("fp32 prompts", 8), ("two-level int8", 0)):
+
+        def patched(self, max_context=None, _min=min_tokens):
+            return original(self, max_context) | {"f32_prompt_min_tokens": _min}
+
+        ModelSpec.core_config = patched
+        try:
+            engines[name] = LLM(path, n_threads=threads, kv_cache_tokens=4 * prompt_tokens)
+        finally:
+            ModelSpec.core_config = original
+    text = Path("/usr/share/common-licenses/GPL-3").read_text()
+    ids = next(iter(engines.values())).tokenizer.encode(text)
+    params = SamplingParams(max_tokens=1, temperature=0)
+    tok_s: dict[str, list[float]] = {name: [] for name in engines}
+    for rep in range(reps + 1):  # the first round warms up
+        window = ids[rep * 7 : rep * 7 + prompt_tokens]
+        firsts = set()
+        for name, llm in engines.items():
+            t0 = time.perf_counter()
+            out = llm.generate_ids(window, params)
+            seconds = time.perf_counter() - t0
+            firsts.add(out.token_ids[0])
+            if rep > 0:
+                tok_s[name].append(prompt_tokens / seconds)
+        if len(firsts) != 1:
+            print(f"  note: the two paths chose different greedy tokens {sorted(firsts)}")
+    for name, values in tok_s.items():
+        print(f"  {name:16s} prefill {statistics.median(values):7.1f} tok/s (median of {reps})")
+    on, off = (statistics.median(v) for v in tok_s.values())
+    print(f"  fp32 prompt path / two-level int8: {on / off:.2f}x")
+    return tok_s
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", default="8,64,512")
     parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--engine-reps", type=int, default=0)
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--results-dir", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     token_counts = [int(t) for t in args.tokens.split(",")]
@@ -114,11 +167,19 @@ def main() -> None:
                 | {f"{key}_gflops": round(v, 2) for key, v in g.items()}
                 | {"numpy_peak_gflops": round(peak, 2)}
             )
+    engine = {}
+    if args.engine_reps > 0:
+        print(f"\nengine, {args.prompt_tokens}-token prefill, {args.threads} threads:")
+        engine = engine_prefill(args.prompt_tokens, args.threads, args.engine_reps)
     print(f"\nload average after: {os.getloadavg()[0]:.1f}")
     out = Path(args.results_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"prefill_gemm_{time.strftime('%Y%m%d_%H%M%S')}"
-    Path(f"{stem}.json").write_text(json.dumps({"peak_gflops": peak, "rows": rows_out}, indent=2))
+    Path(f"{stem}.json").write_text(
+        json.dumps(
+            {"peak_gflops": peak, "rows": rows_out, "engine_prefill_tok_s": engine}, indent=2
+        )
+    )
     with open(f"{stem}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows_out[0]))
         writer.writeheader()
