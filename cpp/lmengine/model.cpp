@@ -352,9 +352,10 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
       const int64_t rows = jobs[j].w->rows;
       int64_t per = kMaxRowsPerChunk;
       if (n_tok <= kDecodeTokens) {
-        per = (rows + kDecodeChunksPerThread * pc.nth() - 1) / (kDecodeChunksPerThread * pc.nth());
-        per = std::clamp<int64_t>((per + kMaxRowsPerChunk - 1) / kMaxRowsPerChunk * kMaxRowsPerChunk,
-                                  kMaxRowsPerChunk, kMaxDecodeChunkRows);
+        const int64_t n_chunks = kDecodeChunksPerThread * pc.nth();
+        per = (rows + n_chunks - 1) / n_chunks;
+        per = (per + kMaxRowsPerChunk - 1) / kMaxRowsPerChunk * kMaxRowsPerChunk;
+        per = std::clamp(per, kMaxRowsPerChunk, kMaxDecodeChunkRows);
       }
       chunk_rows[j] = per;
       first_chunk[j] = total;

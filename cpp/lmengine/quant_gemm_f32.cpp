@@ -53,7 +53,8 @@ struct PanelScratch {
 
 PanelScratch& panel_scratch(int64_t k) {
   thread_local PanelScratch s;
-  const size_t rows_len = static_cast<size_t>(8 * k), panel_len = static_cast<size_t>(kPanelRows * k);
+  const size_t rows_len = static_cast<size_t>(8 * k);
+  const size_t panel_len = static_cast<size_t>(kPanelRows * k);
   if (s.rows.size() < rows_len) s.rows.assign(rows_len, 0.f);
   if (s.panel.size() < panel_len) s.panel.assign(panel_len, 0.f);
   return s;
@@ -63,9 +64,18 @@ PanelScratch& panel_scratch(int64_t k) {
 
 using quant_detail::kQ32;
 
+inline __m128i load128(const uint8_t* p) {
+  return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+}
+
+// 8 bytes -> 8 x int32 (zero-extended).
+inline __m256i load8_u8(const uint8_t* p) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+
 // 16 bytes of packed nibbles -> 32 bytes: the low nibbles, then the high nibbles.
 inline __m256i unpack_nibbles(const uint8_t* p) {
-  const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i both = _mm256_broadcastsi128_si256(load128(p));
   const __m256i shifted = _mm256_srlv_epi32(both, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
   return _mm256_and_si256(shifted, _mm256_set1_epi8(15));
 }
@@ -76,7 +86,8 @@ inline void bytes_to_floats(__m256i q, __m256 out[4]) {
   const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
   const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
   for (int j = 0; j < 4; ++j) {
-    out[j] = _mm256_cvtepi32_ps(kSigned ? _mm256_cvtepi8_epi32(parts[j]) : _mm256_cvtepu8_epi32(parts[j]));
+    const __m256i wide = kSigned ? _mm256_cvtepi8_epi32(parts[j]) : _mm256_cvtepu8_epi32(parts[j]);
+    out[j] = _mm256_cvtepi32_ps(wide);
   }
 }
 
@@ -125,9 +136,10 @@ bool dequantize_row_simd(DType wt, const uint8_t* p, float* dst, int64_t k) {
             _mm256_set1_epi32(static_cast<int>(bits)),
             _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0));
         const __m256i select = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
-        const __m256i high = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select),
-                                              _mm256_set1_epi8(0x10));
-        const __m256i q = _mm256_sub_epi8(_mm256_or_si256(unpack_nibbles(p + 6), high), _mm256_set1_epi8(16));
+        const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select);
+        const __m256i high = _mm256_and_si256(set, _mm256_set1_epi8(0x10));
+        const __m256i q5 = _mm256_or_si256(unpack_nibbles(p + 6), high);
+        const __m256i q = _mm256_sub_epi8(q5, _mm256_set1_epi8(16));
         bytes_to_floats<true>(q, v);
         for (int j = 0; j < 4; ++j) _mm256_storeu_ps(dst + 8 * j, _mm256_mul_ps(d, v[j]));
       }
@@ -141,13 +153,13 @@ bool dequantize_row_simd(DType wt, const uint8_t* p, float* dst, int64_t k) {
       return true;
     case DType::F16:
       for (int64_t i = 0; i + 8 <= k; i += 8) {
-        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 2 * i))));
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(load128(p + 2 * i)));
       }
-      for (int64_t i = k / 8 * 8; i < k; ++i) dst[i] = _cvtsh_ss(static_cast<uint16_t>(p[2 * i] | (p[2 * i + 1] << 8)));
+      for (int64_t i = k / 8 * 8; i < k; ++i) dst[i] = load_half_scalar(p + 2 * i);
       return true;
     case DType::BF16:
       for (int64_t i = 0; i + 8 <= k; i += 8) {
-        const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 2 * i)));
+        const __m256i h = _mm256_cvtepu16_epi32(load128(p + 2 * i));
         _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(h, 16)));
       }
       if (k % 8 != 0) dequantize_row(wt, p + 2 * (k / 8 * 8), dst + k / 8 * 8, k % 8);
@@ -159,10 +171,12 @@ bool dequantize_row_simd(DType wt, const uint8_t* p, float* dst, int64_t k) {
         q4k_scales_mins(p + 4, sc, m);
         const uint8_t* qs = p + 16;
         for (int c = 0; c < 4; ++c, qs += 32, dst += 64) {
-          const __m256 d_lo = _mm256_set1_ps(d * sc[2 * c]), m_lo = _mm256_set1_ps(dmin * m[2 * c]);
-          const __m256 d_hi = _mm256_set1_ps(d * sc[2 * c + 1]), m_hi = _mm256_set1_ps(dmin * m[2 * c + 1]);
+          const __m256 d_lo = _mm256_set1_ps(d * sc[2 * c]);
+          const __m256 m_lo = _mm256_set1_ps(dmin * m[2 * c]);
+          const __m256 d_hi = _mm256_set1_ps(d * sc[2 * c + 1]);
+          const __m256 m_hi = _mm256_set1_ps(dmin * m[2 * c + 1]);
           for (int l = 0; l < 32; l += 8) {
-            const __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs + l)));
+            const __m256i q = load8_u8(qs + l);
             const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(q, _mm256_set1_epi32(15)));
             const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(q, 4));
             _mm256_storeu_ps(dst + l, _mm256_sub_ps(_mm256_mul_ps(d_lo, lo), m_lo));
@@ -179,23 +193,22 @@ bool dequantize_row_simd(DType wt, const uint8_t* p, float* dst, int64_t k) {
           const uint8_t* ql = p + 64 * half;
           const uint8_t* qh = p + 128 + 32 * half;
           const int8_t* sc = scales + 8 * half;
-          const __m256i low4 = _mm256_set1_epi32(15), low2 = _mm256_set1_epi32(3), off = _mm256_set1_epi32(32);
+          const __m256i low4 = _mm256_set1_epi32(15), low2 = _mm256_set1_epi32(3);
+          // Bits 2j, 2j+1 of qh, moved to bits 4, 5.
+          auto high2 = [&](__m256i h, int j) {
+            return _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(h, 2 * j), low2), 4);
+          };
           for (int l = 0; l < 32; l += 8) {
             const int is = l / 16;
-            auto bytes = [](const uint8_t* q) {
-              return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
-            };
-            const __m256i a = bytes(ql + l), c = bytes(ql + l + 32), h = bytes(qh + l);
-            const __m256i q0 = _mm256_or_si256(_mm256_and_si256(a, low4), _mm256_slli_epi32(_mm256_and_si256(h, low2), 4));
-            const __m256i q1 = _mm256_or_si256(_mm256_and_si256(c, low4),
-                                               _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(h, 2), low2), 4));
-            const __m256i q2 = _mm256_or_si256(_mm256_srli_epi32(a, 4),
-                                               _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(h, 4), low2), 4));
-            const __m256i q3 = _mm256_or_si256(_mm256_srli_epi32(c, 4), _mm256_slli_epi32(_mm256_srli_epi32(h, 6), 4));
-            const __m256i qs[4] = {q0, q1, q2, q3};
+            const __m256i a = load8_u8(ql + l), c = load8_u8(ql + l + 32), h = load8_u8(qh + l);
+            const __m256i q[4] = {_mm256_or_si256(_mm256_and_si256(a, low4), high2(h, 0)),
+                                  _mm256_or_si256(_mm256_and_si256(c, low4), high2(h, 1)),
+                                  _mm256_or_si256(_mm256_srli_epi32(a, 4), high2(h, 2)),
+                                  _mm256_or_si256(_mm256_srli_epi32(c, 4), high2(h, 3))};
             for (int j = 0; j < 4; ++j) {
               const __m256 scale = _mm256_set1_ps(d * static_cast<float>(sc[is + 2 * j]));
-              _mm256_storeu_ps(dst + l + 32 * j, _mm256_mul_ps(scale, _mm256_cvtepi32_ps(_mm256_sub_epi32(qs[j], off))));
+              const __m256i centred = _mm256_sub_epi32(q[j], _mm256_set1_epi32(32));
+              _mm256_storeu_ps(dst + l + 32 * j, _mm256_mul_ps(scale, _mm256_cvtepi32_ps(centred)));
             }
           }
         }
