@@ -73,6 +73,10 @@ class PyEngine {
     c.activation_bits = cfg_get_or<int32_t>(cfg, "activation_bits", 16);
     c.two_level_mask = cfg_get_or<int32_t>(cfg, "two_level_mask", 31);
     lme_py::moe_config_from_dict(cfg, c);
+    c.f32_prompt_min_tokens = cfg_get_or<int32_t>(cfg, "f32_prompt_min_tokens", 8);
+    if (c.f32_prompt_min_tokens < 0) {
+      raise_error("InvalidRequestError", "f32_prompt_min_tokens must be >= 0");
+    }
     if (c.activation_bits != 8 && c.activation_bits != 16) {
       raise_error("InvalidRequestError", "activation_bits must be 8 or 16");
     }

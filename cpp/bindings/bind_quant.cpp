@@ -68,7 +68,10 @@ py::array_t<float> dequantize(int64_t ggml_type, const py::array& data, int64_t 
 
 // Y[T, rows] = X[T, k] @ W[rows, k]^T, with X converted by quantize_activation_row first.
 py::array_t<float> quant_matmul(int64_t ggml_type, const py::array& weights, int64_t k,
-                                const py::array& x, bool reference) {
+                                const py::array& x, bool reference, bool fp32_activations) {
+  if (reference && fp32_activations) {
+    throw py::value_error("reference=True runs the 8-bit kernels; it excludes fp32_activations");
+  }
   const DType t = checked_type(ggml_type);
   check_length(t, k, "k");
   if (k == 0) throw py::value_error("k must be positive");
@@ -91,6 +94,12 @@ py::array_t<float> quant_matmul(int64_t ggml_type, const py::array& weights, int
   float* yp = y.mutable_data();
   {
     py::gil_scoped_release release;
+    if (fp32_activations) {
+      std::vector<const float*> x_rows(static_cast<size_t>(n_tokens));
+      for (int64_t i = 0; i < n_tokens; ++i) x_rows[i] = xf + i * k;
+      lme::matmul_rows_f32(t, k, w, row_bytes, rows, x_rows.data(), n_tokens, yp, rows);
+      return y;
+    }
     const int64_t act_bytes = lme::activation_row_bytes(t, k);
     std::vector<uint8_t> act(static_cast<size_t>(n_tokens * act_bytes));
     for (int64_t i = 0; i < n_tokens; ++i)
@@ -128,9 +137,10 @@ void bind_quant(py::module_& m) {
   m.def("dequantize", &dequantize, py::arg("ggml_type"), py::arg("data"), py::arg("n_elements"),
         "dequantize(ggml_type, data: uint8[>= row bytes], n_elements) -> float32[n_elements]");
   m.def("quant_matmul", &quant_matmul, py::arg("ggml_type"), py::arg("weights"), py::arg("k"),
-        py::arg("x"), py::arg("reference") = false,
+        py::arg("x"), py::arg("reference") = false, py::arg("fp32_activations") = false,
         "quant_matmul(ggml_type, weights: uint8[rows, row_bytes], k, x: float32[T, k], "
-        "reference=False)"
+        "reference=False, fp32_activations=False)"
         " -> float32[T, rows]. x is converted to the 8-bit activation format first; reference=True"
-        " runs the scalar kernels instead of the SIMD ones.");
+        " runs the scalar kernels instead of the SIMD ones; fp32_activations=True runs the"
+        " prompt-chunk kernel (weights dequantized panel by panel, x used as fp32).");
 }

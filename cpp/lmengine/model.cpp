@@ -15,6 +15,13 @@ namespace lme {
 namespace {
 
 constexpr int64_t kMaxRowsPerChunk = 32;
+// Decode (<= kDecodeTokens activation rows per product) streams each weight once. The hardware
+// and software prefetchers start cold at every chunk, so decode chunks are long contiguous runs
+// of rows: about kDecodeChunksPerThread per thread (enough to rebalance when one thread is slow),
+// at most kMaxDecodeChunkRows.
+constexpr int64_t kDecodeTokens = 4;
+constexpr int64_t kDecodeChunksPerThread = 6;
+constexpr int64_t kMaxDecodeChunkRows = 1024;
 
 std::string shape_str(int64_t rows, int64_t cols) {
   return "[" + std::to_string(rows) + ", " + std::to_string(cols) + "]";
@@ -160,6 +167,11 @@ struct Engine::Scratch {
     }
     return chunk_plans.front().second;  // unreachable: every layer's window has a plan
   }
+  // Tokens (tok_f32, by token) and logit rows (out_f32, by output row) whose products take fp32
+  // activations (ModelConfig::f32_prompt_min_tokens); f32_rows[slot * cap_tokens + t] is the fp32
+  // row prepare() left for activation slot `slot` instead of converting it.
+  std::vector<uint8_t> tok_f32, out_f32;
+  std::vector<const float*> f32_rows;
 };
 
 Engine::Engine(ModelConfig config, ModelWeights weights, const KVCacheConfig& kv_config, int n_threads)
@@ -242,7 +254,7 @@ void Engine::ensure_scratch(int64_t n_tokens, int64_t n_out, int64_t max_ctx) {
     for (auto& a : S.act) a.assign(2 * T * S.act_slot_bytes, 0);
     S.row_tmp_len = std::max<int64_t>({c.d_model, c.d_ff, int64_t(c.n_heads) * c.head_dim});
     S.row_tmp.assign(pool_.size() * S.row_tmp_len, 0.f);
-    S.mm_tmp_len = 2 * T * kMaxRowsPerChunk;
+    S.mm_tmp_len = std::max(2 * T * kMaxRowsPerChunk, 2 * kDecodeTokens * kMaxDecodeChunkRows);
     S.mm_tmp.assign(pool_.size() * S.mm_tmp_len, 0.f);
     if (c.moe.n_experts > 0) {
       std::vector<const MoELayerWeights*> moe_layers;
@@ -251,10 +263,13 @@ void Engine::ensure_scratch(int64_t n_tokens, int64_t n_out, int64_t max_ctx) {
       }
       S.moe.reserve(c.moe, c.d_model, moe_layers, T, pool_.size(), c.n_layers);
     }
+    S.tok_f32.assign(T, 0);
+    S.f32_rows.assign(3 * T, nullptr);
   }
   if (n_out > S.cap_out) {
     S.cap_out = n_out;
     S.out_tok.assign(n_out, 0);
+    S.out_f32.assign(n_out, 0);
   }
   // Scores are indexed from the start of the first page touched and a page is scored whole:
   // the row needs max_ctx plus one page of slack.
@@ -349,7 +364,13 @@ Status Engine::step(const std::vector<StepSequence>& batch, float* logits) {
         S.rope_cos_local[t * half + j] = std::cos(angle);
         S.rope_sin_local[t * half + j] = std::sin(angle);
       }
-      if (s.all_logits || i == s.n_tokens - 1) S.out_tok[o++] = t;
+      // The path is chosen per sequence chunk, so a token's numerics never depend on its batch.
+      const bool f32 = c.f32_prompt_min_tokens > 0 && s.n_tokens >= c.f32_prompt_min_tokens;
+      S.tok_f32[t] = f32;
+      if (s.all_logits || i == s.n_tokens - 1) {
+        S.out_f32[o] = f32 && s.all_logits;  // a single logit row is cheaper through 8-bit rows
+        S.out_tok[o++] = t;
+      }
     }
   }
   const SparseCounters sparse_before = sparse_.counters();
@@ -445,11 +466,21 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
   // Which products get two-level activations (bit per product class, see ModelConfig).
   const int32_t two_mask = c.activation_bits > 8 ? c.two_level_mask : 0;
   bool two_now = false;
+  // Per token (per logit row for the LM head): 1 where products take fp32 activations.
+  const uint8_t* f32_now = S.tok_f32.data();
+  auto slot_of = [&](const uint8_t* base) {
+    int i = 0;
+    while (i < 2 && S.act[i].data() != base) ++i;
+    return i;
+  };
 
   // Activation rows of token t for weight type ty: one row at base + t*xs, or with two-level
-  // activations the value row at base + 2t*xs followed by its residual row.
+  // activations the value row at base + 2t*xs followed by its residual row. fp32-path tokens keep
+  // x itself (it stays unchanged until the product has run).
   auto prepare = [&](DType ty, const float* x, uint8_t* base, int64_t t, int64_t k) {
-    if (two_now && activation_is_quantized(ty)) {
+    if (f32_now[t]) {
+      S.f32_rows[slot_of(base) * S.cap_tokens + t] = x;
+    } else if (two_now && activation_is_quantized(ty)) {
       float* tmp = &S.row_tmp[int64_t(pc.tid()) * S.row_tmp_len];
       quantize_activation_row_residual(ty, x, base + 2 * t * xs, base + (2 * t + 1) * xs, tmp, k);
     } else {
@@ -459,35 +490,54 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
 
   // One barrier-delimited op computing several independent products (e.g. Q, K and V).
   auto run_matmuls = [&](const MatmulJob* jobs, int n_jobs, int64_t n_tok) {
-    // Rows per chunk: small enough that both threads stay busy at one token, large enough that
-    // prefill amortises the activation reads.
-    const int64_t rows_per_chunk = n_tok <= 4 ? kMaxRowsPerChunk : 16;
-    int64_t first_chunk[4] = {0, 0, 0, 0};
+    // Rows per chunk: prefill takes kMaxRowsPerChunk (one fp32 panel group of matmul_rows_f32,
+    // amortising the activation reads); decode takes long runs (see kDecodeChunksPerThread).
+    int64_t first_chunk[4] = {0, 0, 0, 0}, chunk_rows[4] = {0, 0, 0, 0};
     int64_t total = 0;
     for (int j = 0; j < n_jobs; ++j) {
+      const int64_t rows = jobs[j].w->rows;
+      int64_t per = kMaxRowsPerChunk;
+      if (n_tok <= kDecodeTokens) {
+        const int64_t n_chunks = kDecodeChunksPerThread * pc.nth();
+        per = (rows + n_chunks - 1) / n_chunks;
+        per = (per + kMaxRowsPerChunk - 1) / kMaxRowsPerChunk * kMaxRowsPerChunk;
+        per = std::clamp(per, kMaxRowsPerChunk, kMaxDecodeChunkRows);
+      }
+      chunk_rows[j] = per;
       first_chunk[j] = total;
-      total += (jobs[j].w->rows + rows_per_chunk - 1) / rows_per_chunk;
+      total += (rows + per - 1) / per;
     }
     pc.for_chunks(total, 1, [&](int64_t c0, int64_t) {
       int j = n_jobs - 1;
       while (c0 < first_chunk[j]) --j;
       const MatmulJob& job = jobs[j];
       const WeightTensor& w = *job.w;
-      const int64_t r0 = (c0 - first_chunk[j]) * rows_per_chunk;
-      const int64_t nr = std::min(rows_per_chunk, w.rows - r0);
+      const int64_t r0 = (c0 - first_chunk[j]) * chunk_rows[j];
+      const int64_t nr = std::min(chunk_rows[j], w.rows - r0);
       const int64_t rb = row_bytes(w);
-      if (!(two_now && activation_is_quantized(w.type))) {
-        matmul_rows(w.type, w.cols, w.data + r0 * rb, rb, nr, job.x, xs, n_tok, job.y + r0, job.ldy);
-        return;
-      }
-      // Value and residual rows go through as 2*n_tok tokens of one tile (weights read once).
-      float* tmp = &S.mm_tmp[int64_t(pc.tid()) * S.mm_tmp_len];
-      matmul_rows(w.type, w.cols, w.data + r0 * rb, rb, nr, job.x, xs, 2 * n_tok, tmp, nr);
-      for (int64_t t = 0; t < n_tok; ++t) {
-        const float* hi = tmp + 2 * t * nr;
-        const float* lo = hi + nr;
-        float* y = job.y + t * job.ldy + r0;
-        for (int64_t r = 0; r < nr; ++r) y[r] = hi[r] + lo[r];
+      const uint8_t* wr = w.data + r0 * rb;
+      const bool two = two_now && activation_is_quantized(w.type);
+      // Runs of consecutive tokens on the same path (sequences are contiguous in the step).
+      for (int64_t t0 = 0, t1; t0 < n_tok; t0 = t1) {
+        for (t1 = t0 + 1; t1 < n_tok && f32_now[t1] == f32_now[t0];) ++t1;
+        const int64_t n = t1 - t0;
+        float* y0 = job.y + t0 * job.ldy + r0;
+        if (f32_now[t0]) {
+          const float* const* rows = &S.f32_rows[slot_of(job.x) * S.cap_tokens + t0];
+          matmul_rows_f32(w.type, w.cols, wr, rb, nr, rows, n, y0, job.ldy);
+        } else if (!two) {
+          matmul_rows(w.type, w.cols, wr, rb, nr, job.x + t0 * xs, xs, n, y0, job.ldy);
+        } else {
+          // Value and residual rows go through as 2n tokens of one tile (weights read once).
+          float* tmp = &S.mm_tmp[int64_t(pc.tid()) * S.mm_tmp_len];
+          matmul_rows(w.type, w.cols, wr, rb, nr, job.x + 2 * t0 * xs, xs, 2 * n, tmp, nr);
+          for (int64_t t = 0; t < n; ++t) {
+            const float* hi = tmp + 2 * t * nr;
+            const float* lo = hi + nr;
+            float* y = y0 + t * job.ldy;
+            for (int64_t r = 0; r < nr; ++r) y[r] = hi[r] + lo[r];
+          }
+        }
       }
     });
   };
@@ -690,6 +740,7 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
   const int64_t n_out = output_rows(batch);
   pc.set_kind(kOpLMHead);
   two_now = two_mask & kTwoLevelHead;
+  f32_now = S.out_f32.data();
   pc.for_chunks(n_out, 1, [&](int64_t o0, int64_t o1) {
     for (int64_t o = o0; o < o1; ++o) {
       const int64_t t = S.out_tok[o];

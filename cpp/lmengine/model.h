@@ -55,6 +55,9 @@ struct ModelConfig {
   // mlp_only_layers).
   MoEConfig moe;
   std::vector<uint8_t> moe_layers;
+  // A sequence's chunk of at least this many tokens (a prompt chunk) multiplies quantized weights
+  // with fp32 activations instead (matmul_rows_f32: faster there, and exact activations); 0: never.
+  int32_t f32_prompt_min_tokens = 8;
 };
 
 enum : int32_t { kActSiLU = 0, kActGeluTanh = 1 };

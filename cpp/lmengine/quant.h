@@ -49,6 +49,14 @@ void matmul_rows_reference(DType wt, int64_t k, const void* W, int64_t w_stride,
                            const void* X, int64_t x_stride, int64_t n_tokens, float* Y,
                            int64_t ldy);
 
+// Prompt-chunk products with fp32 activations: Y[t * ldy + r] = dot(W row r, x_rows[t]) for
+// r in [0, n_rows), t in [0, n_tokens), any supported weight type and k (W laid out as for
+// matmul_rows). Weights are dequantized exactly, a panel of rows at a time, into a per-thread
+// buffer that every token reuses: worth it from ~8 tokens on. y[t, r] is one fp32 chain over k in
+// order, so it does not depend on which other tokens or rows share the call. Single-threaded.
+void matmul_rows_f32(DType wt, int64_t k, const void* W, int64_t w_stride, int64_t n_rows,
+                     const float* const* x_rows, int64_t n_tokens, float* Y, int64_t ldy);
+
 // True when weight_type's activation format is 8-bit (false for float weights: fp32 activations).
 bool activation_is_quantized(DType weight_type);
 // Inverse of quantize_activation_row's rounding: the values the products actually see.

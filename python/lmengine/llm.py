@@ -85,7 +85,8 @@ class LLM:
     ``kv_cache_tokens`` (positions across all sequences) or ``kv_cache_memory`` (bytes).
     ``activation_bits=16`` (default) feeds quantized products a value row plus its 8-bit
     rounding residual, which keeps logits within ~1e-3 of an fp32 reference; ``8`` is a single
-    8-bit row as llama.cpp does: faster prefill, ~1-3% logit error.
+    8-bit row as llama.cpp does: ~1-3% logit error. Prompt chunks of >= 8 tokens use fp32
+    activations either way.
     ``attention="sparse"|"resa"`` decodes block-sparsely (``resa``: with periodic dense
     rectification), configured by ``resa=ReSAConfig(...)``; see ``lmengine.resa``. Its block is
     the KV page: ``page_size`` defaults to ``resa.block_size`` and must equal it.

@@ -311,7 +311,10 @@ def cpu_spec(
     share = min(1.0, threads / CPU_REFERENCE["cores"])
     peaks = {"fp32": probe["fp32"]}
     if "int8" in probe:
-        peaks["int8"] = probe["int8"]
+        # Quantized weights are multiplied with 8-bit activations (decode) or, for prompt chunks,
+        # with fp32 activations over dequantized panels: the peak for their work is the faster
+        # of the two measured rates.
+        peaks["int8"] = max(probe["int8"], probe["fp32"])
     return HardwareSpec(
         name=f"CPU {_cpu_model()} ({threads} threads)",
         kind="cpu",
