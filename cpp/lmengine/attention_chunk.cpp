@@ -5,6 +5,7 @@
 #include <cstring>
 #include <limits>
 
+#include "lmengine/attention_vec.h"
 #include "lmengine/ops.h"
 
 namespace lme {
@@ -14,13 +15,8 @@ namespace {
 // Eight floats as one value (one AVX register; two SSE ones, or scalar code, elsewhere): the
 // register blocking below is written out instead of left to the vectoriser. GCC/Clang contract
 // `acc += a * b` into FMA where the target has it.
-typedef float v8f __attribute__((vector_size(32)));
-
-inline v8f load8(const float* p) {
-  v8f v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
+using attention_vec::load8;
+using attention_vec::v8f;
 inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "lmengine/kv_summaries.h"
+#include "lmengine/attention_vec.h"
 #include "lmengine/ops.h"
 
 namespace lme {
@@ -15,48 +16,11 @@ namespace {
 constexpr int32_t kMaxSplits = 32;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-typedef float v8f __attribute__((vector_size(32)));
-
-inline v8f load8(const float* p) {
-  v8f v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-// s[j] = sum_d q[d] * kt[d * ps + j] for j < ps (kt: a transposed K page).
-inline void block_scores(const float* q, const float* kt, int64_t hd, int64_t ps, float* s) {
-  if (ps == 16) {
-    v8f a0 = {}, a1 = {};
-    for (int64_t d = 0; d < hd; ++d) {
-      const float qd = q[d];
-      a0 += qd * load8(kt + d * 16);
-      a1 += qd * load8(kt + d * 16 + 8);
-    }
-    __builtin_memcpy(s, &a0, sizeof(a0));
-    __builtin_memcpy(s + 8, &a1, sizeof(a1));
-    return;
-  }
-  for (int64_t j = 0; j < ps; ++j) s[j] = 0.f;
-  for (int64_t d = 0; d < hd; ++d) {
-    const float qd = q[d];
-    for (int64_t j = 0; j < ps; ++j) s[j] += qd * kt[d * ps + j];
-  }
-}
-
-// out[0..HD) += sum_j p[j] * v[j][0..HD), the accumulator held in registers across the rows.
-template <int HD>
-inline void weighted_rows(const float* p, const float* v, int64_t n, float* out) {
-  constexpr int kVecs = HD / 8;
-  v8f acc[kVecs];
-#pragma GCC unroll 16
-  for (int i = 0; i < kVecs; ++i) acc[i] = load8(out + 8 * i);
-  for (int64_t j = 0; j < n; ++j) {
-    const float pj = p[j];
-#pragma GCC unroll 16
-    for (int i = 0; i < kVecs; ++i) acc[i] += pj * load8(v + j * HD + 8 * i);
-  }
-  for (int i = 0; i < kVecs; ++i) __builtin_memcpy(out + 8 * i, &acc[i], sizeof(v8f));
-}
+using attention_vec::load8;
+using attention_vec::v8f;
+using attention_vec::weighted_rows;
+// s[j] = q . K[j] over one transposed K block.
+constexpr auto block_scores = attention_vec::page_scores;
 
 void accumulate_rows(const float* p, const float* v, int64_t n, int64_t hd, float* out) {
   if (hd == 64) {

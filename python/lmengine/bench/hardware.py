@@ -220,16 +220,9 @@ def _probe_bandwidth(threads: int, n_bytes: int = 128 << 20, reps: int = 12) -> 
 
 def _probe_gemm_fp32(n: int = 1024, reps: int = 12) -> float:
     """fp32 GEMM FLOP/s through numpy's BLAS with its own threads; best of reps."""
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((n, n), dtype=np.float32)
-    b = rng.standard_normal((n, n), dtype=np.float32)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+    from lmengine.bench_cli import measure_gemm_peak
+
+    return measure_gemm_peak(n, reps) * 1e9
 
 
 def _probe_int8(
