@@ -110,6 +110,8 @@ def start_lmengine(args, port: int, kv_tokens: int, log_file) -> subprocess.Pope
     ]  # fmt: skip
     if args.step_time_target > 0:
         cmd += ["--step-time-target", str(args.step_time_target)]
+    if args.max_running > 0:
+        cmd += ["--max-running", str(args.max_running)]
     return subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
 
 
@@ -323,6 +325,9 @@ def main() -> None:
         type=float,
         default=0.05,
         help="lmengine's per-step time bound with decodes running, seconds (0: none)",
+    )
+    parser.add_argument(
+        "--max-running", type=int, default=0, help="lmengine's sequences per step (0: default)"
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke test")
