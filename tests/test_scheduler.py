@@ -229,6 +229,20 @@ def test_step_time_target_keeps_prompt_chunks_to_the_slack_of_decode_steps(
     assert results["long"]["ids"] == llm.generate_ids(long_ids, sp).token_ids
 
 
+def test_step_time_target_sizes_the_running_batch(smollm2_gguf_path):
+    llm = LLM(smollm2_gguf_path, n_threads=2, kv_cache_tokens=512)
+    engine, scheduler = recording_scheduler(llm, step_time_target=0.0125)
+    # 10 ms a step + 1 ms a decode: two decodes fit 12.5 ms, three do not.
+    scheduler.cost_model = FrozenCostModel(0.010, 0.001, 0.0, 0.0)
+    sp = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    for i, prompt in enumerate(PROMPTS):
+        scheduler.add_request(i, llm.tokenizer.encode(prompt), sp)
+    results = run_to_end(scheduler)
+    assert max(len(step) for step in engine.steps) == 2
+    for i, prompt in enumerate(PROMPTS):
+        assert results[i]["ids"] == llm.generate(prompt, sp)[0].token_ids
+
+
 def test_step_time_target_is_validated(tiny_pool_llm):
     with pytest.raises(InvalidRequestError, match="step_time_target"):
         Scheduler.for_llm(tiny_pool_llm, step_time_target=0)

@@ -9,7 +9,8 @@ Every ``step()`` builds one batch for ``Engine.step`` and runs it:
    a step that holds decodes takes prompt tokens only while its time, predicted by an online
    ``StepCostModel`` fitted to the steps so far, stays under the target: decodes never wait
    behind a long prompt (the time per output token stays near the target), and prompts are
-   prefilled in the slack of each step;
+   prefilled in the slack of each step, and a request is admitted only while a step decoding
+   every running sequence and it is predicted to fit the target (the batch sizes itself);
 3. admission is first-come first-served by free pages: the head of the waiting queue is admitted
    when the pool's free pages, less those still owed to admitted prompts, hold its whole prompt.
    Nothing is reserved for the tokens a request will generate; sequences grow page by page.
@@ -448,7 +449,7 @@ class Scheduler:
         while self._waiting and budget > 0 and len(self._running) < self.max_running:
             s = self._waiting[0]
             need = _pages(len(s.tokens), ps)
-            if need > free - owed:
+            if need > free - owed or not self._decode_fits(s):
                 break
             n = allowance(s, min(len(s.tokens), budget))
             if n == 0:
@@ -463,6 +464,16 @@ class Scheduler:
             owed += need - _pages(n, ps)
             budget -= n
         return plan
+
+    def _decode_fits(self, s: _Sequence) -> bool:
+        """With a time target, a request joins only while a step decoding every running sequence
+        and it is predicted to stay within the target: the running batch sizes itself to the
+        time per output token asked for. The first sequence is always admitted."""
+        if self.step_time_target is None or not self._running or not self.cost_model.ready:
+            return True
+        attended = sum(len(r.tokens) for r in self._running) + len(s.tokens)
+        n = len(self._running) + 1
+        return self.cost_model.predict(n, 0, attended) <= self.step_time_target
 
     # -- per-sequence bookkeeping ---------------------------------------------------------------
 
