@@ -31,10 +31,11 @@ import argparse
 import csv
 import json
 import platform
-import time
 from pathlib import Path
 
 import numpy as np
+
+from lmengine.bench_cli import best_seconds, measure_copy_bandwidth
 
 SHAPES = {
     "olmoe": dict(E=64, k=8, d=2048, ff=1024, norm=False),
@@ -42,27 +43,6 @@ SHAPES = {
 }
 BYTES_PER_WEIGHT = {"F32": 4.0, "BF16": 2.0, "Q8_0": 34 / 32, "Q4_0": 18 / 32}
 GGML = {"F32": 0, "BF16": 30, "Q8_0": 8, "Q4_0": 2}
-
-
-def copy_bandwidth(mib: int = 512, reps: int = 5) -> float:
-    src = np.ones(mib * 2**20 // 4, dtype=np.float32)
-    dst = np.empty_like(src)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * src.nbytes / best
-
-
-def best_time(fn, reps: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def reps_for(T: int) -> int:
@@ -205,15 +185,15 @@ def run_shape(
             xt = {"fp32": torch.from_numpy(x), "bf16": torch.from_numpy(x).to(torch.bfloat16)}
             for (dtype_name, impl), block in hf.items():
                 xin = xt[dtype_name][None]
-                times[f"hf_{impl}_{dtype_name}"] = best_time(lambda b=block, v=xin: b(v), reps)
+                times[f"hf_{impl}_{dtype_name}"] = best_seconds(lambda b=block, v=xin: b(v), reps)
             for dtype_name, weights in loops.items():
                 xin = xt[dtype_name]
-                times[f"torch_loop_{dtype_name}"] = best_time(
+                times[f"torch_loop_{dtype_name}"] = best_seconds(
                     lambda v=xin, w=weights: torch_loop(v, *w, k, shape["norm"]), reps
                 )
         counts = None
         for kind, layer in engines.items():
-            times[f"lmengine_{kind}"] = best_time(lambda m=layer, v=x: m.forward(v), reps)
+            times[f"lmengine_{kind}"] = best_seconds(lambda m=layer, v=x: m.forward(v), reps)
             counts = layer.forward(x)[1]
         distinct = int((counts > 0).sum())
         hf_fp32 = min(
@@ -261,7 +241,7 @@ def main() -> None:
     from lmengine import _core
 
     tokens = [int(t) for t in args.tokens.split(",")]
-    bandwidth = copy_bandwidth()
+    bandwidth = measure_copy_bandwidth(512 << 20) * 1e9
     print(
         f"machine: {platform.processor() or platform.machine()}, simd {_core.simd()}, "
         f"{args.threads} threads; numpy copy bandwidth {bandwidth / 1e9:.1f} GB/s "

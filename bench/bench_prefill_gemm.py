@@ -43,6 +43,7 @@ from gguf.constants import GGMLQuantizationType as G  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 from lmengine import _core  # noqa: E402
+from lmengine.bench_cli import best_seconds  # noqa: E402
 
 # (name, weight type, rows, k) of the default model's products.
 SHAPES = [
@@ -51,16 +52,6 @@ SHAPES = [
     ("ffn_down (Q4_1)", G.Q4_1, 576, 1536),
     ("lm_head slice (Q8_0)", G.Q8_0, 4096, 576),
 ]
-
-
-def best_seconds(fn, reps: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def time_paths(wt: G, raw: np.ndarray, k: int, x: np.ndarray, w_deq: np.ndarray, reps: int):

@@ -13,16 +13,22 @@ from pathlib import Path
 import numpy as np
 
 
+def best_seconds(fn, reps: int) -> float:
+    """Fastest of ``reps`` timed calls of ``fn`` after one untimed warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def measure_copy_bandwidth(n_bytes: int = 256 << 20, reps: int = 5) -> float:
     """Copy bandwidth in GB/s, counting read + write bytes (best of reps)."""
     src = np.ones(n_bytes // 8, dtype=np.float64)
     dst = np.empty_like(src)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n_bytes / best / 1e9
+    return 2 * n_bytes / best_seconds(lambda: np.copyto(dst, src), reps) / 1e9
 
 
 def measure_gemm_peak(n: int = 1024, reps: int = 5) -> float:
@@ -30,13 +36,7 @@ def measure_gemm_peak(n: int = 1024, reps: int = 5) -> float:
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
+    return 2 * n**3 / best_seconds(lambda: a @ b, reps) / 1e9
 
 
 def _text_ids(llm, n: int) -> list[int]:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lmengine.bench_cli import best_seconds, measure_gemm_peak
+
 __all__ = [
     "HardwareSpec",
     "GPU_SPECS",
@@ -209,19 +211,13 @@ def _probe_bandwidth(threads: int, n_bytes: int = 128 << 20, reps: int = 12) -> 
     dst = np.empty_like(src)
     parts = np.array_split(np.arange(src.size), threads)
     bounds = [(int(p[0]), int(p[-1]) + 1) for p in parts if p.size]
-    best = float("inf")
     with ThreadPoolExecutor(threads) as ex:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            list(ex.map(lambda b: np.copyto(dst[b[0] : b[1]], src[b[0] : b[1]]), bounds))
-            best = min(best, time.perf_counter() - t0)
-    return 2 * n_bytes / best
+        copy = lambda: list(ex.map(lambda b: np.copyto(dst[b[0] : b[1]], src[b[0] : b[1]]), bounds))  # noqa: E731
+        return 2 * n_bytes / best_seconds(copy, reps)
 
 
 def _probe_gemm_fp32(n: int = 1024, reps: int = 12) -> float:
     """fp32 GEMM FLOP/s through numpy's BLAS with its own threads; best of reps."""
-    from lmengine.bench_cli import measure_gemm_peak
-
     return measure_gemm_peak(n, reps) * 1e9
 
 
@@ -239,14 +235,9 @@ def _probe_int8(
     w = rng.integers(0, 256, size=(rows, row_bytes), dtype=np.uint8)
     w.reshape(rows, -1, 34)[:, :, 1] &= 0x3B
     x = rng.standard_normal((tokens, k), dtype=np.float32)
-    _core.quant_matmul(q8_0, w, k, x)
-    best = float("inf")
     with ThreadPoolExecutor(threads) as ex:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            list(ex.map(lambda _: _core.quant_matmul(q8_0, w, k, x), range(threads)))
-            best = min(best, time.perf_counter() - t0)
-    return threads * 2 * rows * k * tokens / best
+        run = lambda: list(ex.map(lambda _: _core.quant_matmul(q8_0, w, k, x), range(threads)))  # noqa: E731
+        return threads * 2 * rows * k * tokens / best_seconds(run, reps)
 
 
 def probe_cpu(threads: int) -> dict:

@@ -538,6 +538,52 @@ def create_app(engine: AsyncEngine, model_name: str, *, max_n: int = DEFAULT_MAX
         text = engine.metrics.registry.render() + registry.render()
         return Response(text, media_type=CONTENT_TYPE)
 
+    def _event_stream(body, response_id, obj, created, choices, events) -> _EventStream:
+        """SSE response of one request: ``events(chunk)`` yields its choice chunks; then the
+        usage chunk if asked, an error chunk if the engine failed, and [DONE]. A client that
+        disconnects aborts the request's choices."""
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def chunk(choice_list, usage=None) -> str:
+            payload = {
+                "id": response_id,
+                "object": obj,
+                "created": created,
+                "model": model_name,
+                "choices": choice_list,
+            }
+            if include_usage:
+                payload["usage"] = usage
+            return _sse(payload)
+
+        async def stream() -> AsyncIterator[str]:
+            try:
+                async for piece in events(chunk):
+                    yield piece
+                if include_usage:
+                    yield chunk([], server.usage(choices))
+            except LMEngineError as error:
+                yield _sse(error_body(str(error), "internal_error"))
+            yield "data: [DONE]\n\n"
+
+        return _EventStream(stream(), lambda: server.abort(choices))
+
+    async def _collected(request, choices, streams, response_id, obj, created, choice_body):
+        """Non-streaming response: waits for every choice (499 if the client left first)."""
+        finished, _ = await _unless_disconnected(request, server.collect(choices, streams))
+        if not finished:
+            return Response(status_code=499)
+        return JSONResponse(
+            {
+                "id": response_id,
+                "object": obj,
+                "created": created,
+                "model": model_name,
+                "choices": [choice_body(c) for c in choices],
+                "usage": server.usage(choices),
+            }
+        )
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         server.check_common(body)
@@ -567,91 +613,61 @@ def create_app(engine: AsyncEngine, model_name: str, *, max_n: int = DEFAULT_MAX
             return server.completion_logprobs(token_ids, logprobs, top, offset)
 
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-            async def chunks() -> AsyncIterator[str]:
-                def chunk(choice_list, usage=None):
-                    payload = {
-                        "id": response_id,
-                        "object": "text_completion",
-                        "created": created,
-                        "model": model_name,
-                        "choices": choice_list,
-                    }
-                    if include_usage:
-                        payload["usage"] = usage
-                    return _sse(payload)
-
+            async def events(chunk) -> AsyncIterator[str]:
                 offsets = {c.index: 0 for c in choices}
-                try:
-                    for c in choices:
-                        if c.echo_text:
-                            yield chunk(
-                                [
-                                    {
-                                        "index": c.index,
-                                        "text": c.echo_text,
-                                        "logprobs": None,
-                                        "finish_reason": None,
-                                    }
-                                ]
-                            )
-                    async for c, event in server.merged(choices, streams):
-                        server.absorb(c, event)
-                        if not (event.text or event.finished or (want_lp and event.token_ids)):
-                            continue
-                        lp = logprobs_of(
-                            c,
-                            event.token_ids,
-                            event.logprobs or [],
-                            event.top_logprobs or [],
-                            offsets[c.index],
-                        )
-                        offsets[c.index] += (
-                            sum(len(server.token_text(t)) for t in event.token_ids)
-                            if want_lp
-                            else 0
-                        )
+                for c in choices:
+                    if c.echo_text:
                         yield chunk(
                             [
                                 {
                                     "index": c.index,
-                                    "text": event.text,
-                                    "logprobs": lp,
-                                    "finish_reason": event.finish_reason
-                                    if event.finished
-                                    else None,
+                                    "text": c.echo_text,
+                                    "logprobs": None,
+                                    "finish_reason": None,
                                 }
                             ]
                         )
-                    if include_usage:
-                        yield chunk([], server.usage(choices))
-                except LMEngineError as error:
-                    yield _sse(error_body(str(error), "internal_error"))
-                yield "data: [DONE]\n\n"
+                async for c, event in server.merged(choices, streams):
+                    server.absorb(c, event)
+                    if not (event.text or event.finished or (want_lp and event.token_ids)):
+                        continue
+                    lp = logprobs_of(
+                        c,
+                        event.token_ids,
+                        event.logprobs or [],
+                        event.top_logprobs or [],
+                        offsets[c.index],
+                    )
+                    offsets[c.index] += (
+                        sum(len(server.token_text(t)) for t in event.token_ids) if want_lp else 0
+                    )
+                    yield chunk(
+                        [
+                            {
+                                "index": c.index,
+                                "text": event.text,
+                                "logprobs": lp,
+                                "finish_reason": event.finish_reason if event.finished else None,
+                            }
+                        ]
+                    )
 
-            return _EventStream(chunks(), lambda: server.abort(choices))
+            return _event_stream(body, response_id, "text_completion", created, choices, events)
 
-        finished, _ = await _unless_disconnected(request, server.collect(choices, streams))
-        if not finished:
-            return Response(status_code=499)
-        return JSONResponse(
-            {
-                "id": response_id,
-                "object": "text_completion",
-                "created": created,
-                "model": model_name,
-                "choices": [
-                    {
-                        "index": c.index,
-                        "text": c.echo_text + "".join(c.text),
-                        "logprobs": logprobs_of(c, c.token_ids, c.logprobs, c.top_logprobs, 0),
-                        "finish_reason": c.finish_reason,
-                    }
-                    for c in choices
-                ],
-                "usage": server.usage(choices),
-            }
+        return await _collected(
+            request,
+            choices,
+            streams,
+            response_id,
+            "text_completion",
+            created,
+            lambda c: {
+                "index": c.index,
+                "text": c.echo_text + "".join(c.text),
+                "logprobs": logprobs_of(c, c.token_ids, c.logprobs, c.top_logprobs, 0),
+                "finish_reason": c.finish_reason,
+            },
         )
 
     @app.post("/v1/chat/completions")
@@ -677,92 +693,68 @@ def create_app(engine: AsyncEngine, model_name: str, *, max_n: int = DEFAULT_MAX
         created = int(time.time())
 
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-            async def chunks() -> AsyncIterator[str]:
-                def chunk(choice_list, usage=None):
-                    payload = {
-                        "id": response_id,
-                        "object": "chat.completion.chunk",
-                        "created": created,
-                        "model": model_name,
-                        "choices": choice_list,
-                    }
-                    if include_usage:
-                        payload["usage"] = usage
-                    return _sse(payload)
-
-                try:
-                    for c in choices:
+            async def events(chunk) -> AsyncIterator[str]:
+                for c in choices:
+                    yield chunk(
+                        [
+                            {
+                                "index": c.index,
+                                "delta": {"role": "assistant", "content": ""},
+                                "logprobs": None,
+                                "finish_reason": None,
+                            }
+                        ]
+                    )
+                async for c, event in server.merged(choices, streams):
+                    server.absorb(c, event)
+                    if event.text or (logprobs is not None and event.token_ids):
+                        lp = None
+                        if logprobs is not None:
+                            lp = server.chat_logprobs(
+                                event.token_ids, event.logprobs or [], event.top_logprobs or []
+                            )
                         yield chunk(
                             [
                                 {
                                     "index": c.index,
-                                    "delta": {"role": "assistant", "content": ""},
-                                    "logprobs": None,
+                                    "delta": {"content": event.text},
+                                    "logprobs": lp,
                                     "finish_reason": None,
                                 }
                             ]
                         )
-                    async for c, event in server.merged(choices, streams):
-                        server.absorb(c, event)
-                        if event.text or (logprobs is not None and event.token_ids):
-                            lp = None
-                            if logprobs is not None:
-                                lp = server.chat_logprobs(
-                                    event.token_ids, event.logprobs or [], event.top_logprobs or []
-                                )
-                            yield chunk(
-                                [
-                                    {
-                                        "index": c.index,
-                                        "delta": {"content": event.text},
-                                        "logprobs": lp,
-                                        "finish_reason": None,
-                                    }
-                                ]
-                            )
-                        if event.finished:
-                            yield chunk(
-                                [
-                                    {
-                                        "index": c.index,
-                                        "delta": {},
-                                        "logprobs": None,
-                                        "finish_reason": event.finish_reason,
-                                    }
-                                ]
-                            )
-                    if include_usage:
-                        yield chunk([], server.usage(choices))
-                except LMEngineError as error:
-                    yield _sse(error_body(str(error), "internal_error"))
-                yield "data: [DONE]\n\n"
+                    if event.finished:
+                        yield chunk(
+                            [
+                                {
+                                    "index": c.index,
+                                    "delta": {},
+                                    "logprobs": None,
+                                    "finish_reason": event.finish_reason,
+                                }
+                            ]
+                        )
 
-            return _EventStream(chunks(), lambda: server.abort(choices))
+            return _event_stream(
+                body, response_id, "chat.completion.chunk", created, choices, events
+            )
 
-        finished, _ = await _unless_disconnected(request, server.collect(choices, streams))
-        if not finished:
-            return Response(status_code=499)
-        return JSONResponse(
-            {
-                "id": response_id,
-                "object": "chat.completion",
-                "created": created,
-                "model": model_name,
-                "choices": [
-                    {
-                        "index": c.index,
-                        "message": {"role": "assistant", "content": "".join(c.text)},
-                        "logprobs": server.chat_logprobs(c.token_ids, c.logprobs, c.top_logprobs)
-                        if logprobs is not None
-                        else None,
-                        "finish_reason": c.finish_reason,
-                    }
-                    for c in choices
-                ],
-                "usage": server.usage(choices),
-            }
+        return await _collected(
+            request,
+            choices,
+            streams,
+            response_id,
+            "chat.completion",
+            created,
+            lambda c: {
+                "index": c.index,
+                "message": {"role": "assistant", "content": "".join(c.text)},
+                "logprobs": server.chat_logprobs(c.token_ids, c.logprobs, c.top_logprobs)
+                if logprobs is not None
+                else None,
+                "finish_reason": c.finish_reason,
+            },
         )
 
     return app
