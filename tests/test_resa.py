@@ -3,7 +3,7 @@
 Kernels run through ``lmengine._core.kernels`` on random float32 data at awkward sizes (one
 token, odd lengths, block boundaries +- 1) against the float64 numpy references at the top of
 this file; the engine-level tests use the real SmolLM2-135M (30 layers, 9 query / 3 KV heads of
-64) and read its cache back with ``Engine.read_kv`` / ``Engine.read_block_summaries``.
+64) and read its cache back with ``Engine.seq_read_kv`` / ``Engine.read_block_summaries``.
 """
 
 from __future__ import annotations
@@ -279,9 +279,14 @@ def test_llm_attention_options(smollm2_gguf_path, smollm2):
         smollm2._engine.seq_free(seq)
 
 
+def read_kv(eng, seq, layer):
+    """(K, V) of one layer of a sequence, float32 [length, n_kv_heads, head_dim]."""
+    return eng.seq_read_kv(seq, layer, 0, eng.seq_length(seq))
+
+
 def check_summaries(eng, seq, layers):
     for layer in layers:
-        k, _ = eng.read_kv(seq, layer)  # (L, H, D)
+        k, _ = read_kv(eng, seq, layer)  # (L, H, D)
         got = eng.read_block_summaries(seq, layer)  # (n_blocks, H, 2, D)
         want = np.stack([summaries_ref(k[:, h], 16) for h in range(k.shape[1])], axis=1)
         np.testing.assert_array_equal(got, want)
@@ -342,15 +347,15 @@ def test_rectification_rewrites_kv_to_dense(resa_llm, english_text):
         eng.step([sparse], [ids[:k0]], [False])
         for i in range(k0, k0 + f):
             eng.step([sparse], [ids[i : i + 1]], [False], [True])
-        kd, vd = eng.read_kv(dense, 29)
-        ks, vs = eng.read_kv(sparse, 29)
+        kd, vd = read_kv(eng, dense, 29)
+        ks, vs = read_kv(eng, sparse, 29)
         assert not np.array_equal(vs[k0 + 1 : k0 + f], vd[k0 + 1 : k0 + f])
         # Rectify as LLM / Scheduler do: rewind f, feed the f tokens + the next one densely.
         eng.seq_truncate(sparse, k0)
         eng.step([sparse], [ids[k0 : k0 + f + 1]], [False], [False])
         for layer in (0, 14, 29):
-            kd, vd = eng.read_kv(dense, layer)
-            ks, vs = eng.read_kv(sparse, layer)
+            kd, vd = read_kv(eng, dense, layer)
+            ks, vs = read_kv(eng, sparse, layer)
             np.testing.assert_array_equal(ks, kd)
             np.testing.assert_array_equal(vs, vd)
         check_summaries(eng, sparse, [29])

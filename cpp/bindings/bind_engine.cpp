@@ -372,32 +372,7 @@ class PyEngine {
     return engine_->moe_stats().passes;
   }
 
-  // Copies of what the cache holds for one layer of a sequence, for tests: K and V as fp32
-  // [length, n_kv_heads, head_dim], and the block summaries [n_blocks, n_kv_heads, 2, head_dim].
-  py::tuple read_kv(int32_t seq, int32_t layer) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    check_seq(seq);
-    lme::KVCache& kv = engine_->kv();
-    const lme::KVCacheConfig& c = kv.config();
-    if (layer < 0 || layer >= c.n_layers) raise_error("InvalidRequestError", "layer out of range");
-    const int64_t L = kv.seq_length(seq), H = c.n_kv_heads, D = c.head_dim, ps = c.page_size;
-    py::array_t<float> k({L, H, D}), v({L, H, D});
-    std::vector<float> block(ps * D);
-    for (int64_t b = 0; b * ps < L; ++b) {
-      const int32_t page = kv.seq_pages(seq)[b];
-      for (int64_t h = 0; h < H; ++h) {
-        lme::kv_to_f32(static_cast<int32_t>(c.dtype), kv.k_block(page, layer, h), block.data(), ps * D);
-        for (int64_t j = 0; j < ps && b * ps + j < L; ++j) {
-          for (int64_t d = 0; d < D; ++d) k.mutable_data()[((b * ps + j) * H + h) * D + d] = block[d * ps + j];
-        }
-        lme::kv_to_f32(static_cast<int32_t>(c.dtype), kv.v_block(page, layer, h), block.data(), ps * D);
-        for (int64_t j = 0; j < ps && b * ps + j < L; ++j) {
-          std::copy(&block[j * D], &block[j * D] + D, v.mutable_data() + ((b * ps + j) * H + h) * D);
-        }
-      }
-    }
-    return py::make_tuple(k, v);
-  }
+  // The block summaries of one layer of a sequence, for tests: [n_blocks, n_kv_heads, 2, head_dim].
   py::array_t<float> read_block_summaries(int32_t seq, int32_t layer) {
     std::lock_guard<std::mutex> lock(mutex_);
     check_seq(seq);
@@ -482,8 +457,6 @@ void bind_engine(py::module_& m) {
       .def("reset_expert_counts", &PyEngine::reset_expert_counts)
       .def_property_readonly("expert_passes", &PyEngine::expert_passes,
                              "Steps accumulated in expert_counts() since the reset.")
-      .def("read_kv", &PyEngine::read_kv, py::arg("seq"), py::arg("layer"),
-           "(K, V) of one layer of a sequence as float32 [length, n_kv_heads, head_dim] copies.")
       .def("read_block_summaries", &PyEngine::read_block_summaries, py::arg("seq"), py::arg("layer"),
            "Key min/max per block: float32 [n_blocks, n_kv_heads, 2, head_dim] copy.")
       .def_property_readonly("free_pages", &PyEngine::free_pages)

@@ -36,6 +36,7 @@ void kv_store_token(KVCache& kv, int32_t page, int32_t layer, int32_t head, int6
 
 namespace {
 
+using attention_vec::kv_block_f32;
 using attention_vec::load8;
 using attention_vec::page_scores;
 using attention_vec::v8f;
@@ -49,7 +50,6 @@ void attention_paged_one(const float* q, int32_t group, float scale, KVCache& kv
   const KVCacheConfig& c = kv.config();
   const int64_t hd = c.head_dim, ps = c.page_size;
   const int32_t dt = static_cast<int32_t>(c.dtype);
-  const bool f32 = c.dtype == KVDType::F32;
   const int64_t base = lo - lo % ps;  // scores are indexed from the first page's start
   const int64_t first = lo - base, last = pos - base;  // valid score range, inclusive
   float* kbuf = scratch.kv_buf;
@@ -59,13 +59,7 @@ void attention_paged_one(const float* q, int32_t group, float scale, KVCache& kv
   // computed on whatever the page holds and then ignored).
   for (int64_t p0 = base; p0 <= pos; p0 += ps) {
     const int32_t page = pages[p0 / ps];
-    const float* kt;
-    if (f32) {
-      kt = reinterpret_cast<const float*>(kv.k_block(page, layer, head));
-    } else {
-      kv_to_f32(dt, kv.k_block(page, layer, head), kbuf, ps * hd);
-      kt = kbuf;
-    }
+    const float* kt = kv_block_f32(kv.k_block(page, layer, head), dt, kbuf, ps * hd);
     for (int32_t g = 0; g < group; ++g) {
       page_scores(q + g * hd, kt, hd, ps, scratch.scores + g * scratch.scores_stride + (p0 - base));
     }
@@ -91,13 +85,7 @@ void attention_paged_one(const float* q, int32_t group, float scale, KVCache& kv
   for (int64_t p0 = base; p0 <= pos; p0 += ps) {
     const int32_t page = pages[p0 / ps];
     const int64_t j0 = std::max(p0, lo), j1 = std::min(p0 + ps - 1, pos);
-    const float* vp;
-    if (f32) {
-      vp = reinterpret_cast<const float*>(kv.v_block(page, layer, head));
-    } else {
-      kv_to_f32(dt, kv.v_block(page, layer, head), vbuf, (j1 - p0 + 1) * hd);
-      vp = vbuf;
-    }
+    const float* vp = kv_block_f32(kv.v_block(page, layer, head), dt, vbuf, (j1 - p0 + 1) * hd);
     for (int32_t g = 0; g < group; ++g) {
       const float* pg = scratch.scores + g * scratch.scores_stride - base;
       float* og = out + g * hd;

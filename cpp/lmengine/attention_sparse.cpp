@@ -16,6 +16,7 @@ namespace {
 constexpr int32_t kMaxSplits = 32;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+using attention_vec::kv_block_f32;
 using attention_vec::load8;
 using attention_vec::v8f;
 using attention_vec::weighted_rows;
@@ -101,7 +102,6 @@ void attention_sparse_partial(const float* q, int32_t group, float scale, KVCach
   const KVCacheConfig& c = kv.config();
   const int64_t hd = c.head_dim, ps = c.page_size;
   const int32_t dt = static_cast<int32_t>(c.dtype);
-  const bool f32 = c.dtype == KVDType::F32;
   float* kbuf = work;
   float* vbuf = work + ps * hd;
   float* sc = work + 2 * ps * hd;  // [group][ps]
@@ -115,20 +115,8 @@ void attention_sparse_partial(const float* q, int32_t group, float scale, KVCach
     const int64_t j0 = std::max(p0, lo) - p0, j1 = std::min(p0 + ps - 1, pos) - p0;  // valid slots
     if (j0 > j1) continue;
     const int32_t page = pages[blocks[bi]];
-    const float* kt;
-    if (f32) {
-      kt = reinterpret_cast<const float*>(kv.k_block(page, layer, head));
-    } else {
-      kv_to_f32(dt, kv.k_block(page, layer, head), kbuf, ps * hd);
-      kt = kbuf;
-    }
-    const float* vp;
-    if (f32) {
-      vp = reinterpret_cast<const float*>(kv.v_block(page, layer, head));
-    } else {
-      kv_to_f32(dt, kv.v_block(page, layer, head), vbuf, (j1 + 1) * hd);
-      vp = vbuf;
-    }
+    const float* kt = kv_block_f32(kv.k_block(page, layer, head), dt, kbuf, ps * hd);
+    const float* vp = kv_block_f32(kv.v_block(page, layer, head), dt, vbuf, (j1 + 1) * hd);
     const int64_t n = j1 - j0 + 1;
     for (int32_t g = 0; g < group; ++g) {
       float* s = sc + int64_t(g) * ps;

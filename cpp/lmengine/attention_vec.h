@@ -5,6 +5,9 @@
 
 #include <cstdint>
 
+#include "lmengine/kv_cache.h"
+#include "lmengine/ops.h"
+
 namespace lme {
 namespace attention_vec {
 
@@ -49,6 +52,14 @@ inline void weighted_rows(const float* p, const float* v, int64_t n, float* out)
     for (int i = 0; i < kVecs; ++i) acc[i] += pj * load8(v + j * HD + 8 * i);
   }
   for (int i = 0; i < kVecs; ++i) __builtin_memcpy(out + 8 * i, &acc[i], sizeof(v8f));
+}
+
+// A K or V block as fp32: the block itself in an fp32 cache, else its first n elements converted
+// into buf.
+inline const float* kv_block_f32(const void* block, int32_t kv_dtype, float* buf, int64_t n) {
+  if (kv_dtype == static_cast<int32_t>(KVDType::F32)) return static_cast<const float*>(block);
+  kv_to_f32(kv_dtype, block, buf, n);
+  return buf;
 }
 
 }  // namespace attention_vec
