@@ -100,6 +100,33 @@ py::object with_time(const py::array& result, int iters, float ms) {
   return result;
 }
 
+// The kernels trust lengths and page ids: checks that every sequence's length is in
+// [min_len, page_table.shape[1] * page_size] and every page it will read is a page of the pool.
+// Returns the longest length.
+int32_t check_page_table(const py::array& page_table, const py::array& seq_lens, int64_t n_seqs,
+                         int64_t page_size, int64_t n_pages, int32_t min_len) {
+  const int64_t max_pages = page_table.shape(1);
+  const int32_t* lens = static_cast<const int32_t*>(seq_lens.data());
+  const int32_t* table = static_cast<const int32_t*>(page_table.data());
+  int32_t max_len = 0;
+  for (int64_t s = 0; s < n_seqs; ++s) {
+    if (lens[s] < min_len || lens[s] > max_pages * page_size) {
+      throw py::value_error("seq_lens[" + std::to_string(s) + "] = " + std::to_string(lens[s]) +
+                            " is outside [" + std::to_string(min_len) +
+                            ", page_table.shape[1] * page_size]");
+    }
+    max_len = std::max(max_len, lens[s]);
+    for (int64_t i = 0; i < (lens[s] + page_size - 1) / page_size; ++i) {
+      const int32_t page = table[s * max_pages + i];
+      if (page < 0 || page >= n_pages) {
+        throw py::value_error("page_table[" + std::to_string(s) + ", " + std::to_string(i) +
+                              "] = " + std::to_string(page) + " is not a page of the pool");
+      }
+    }
+  }
+  return max_len;
+}
+
 void check_iters(int iters) {
   if (iters < 0) throw py::value_error("iters must be >= 0");
 }
@@ -209,25 +236,8 @@ py::object attention_decode(const py::array& q, const py::array& k_pool, const p
   if (n_seqs > 65535 || n_kv_heads > 65535 || n_pages > INT32_MAX)
     throw py::value_error("too many sequences, heads or pages");
   check_iters(iters);
-  // The kernel trusts lengths and page ids: check every page a sequence will read.
   const int64_t max_pages = page_table.shape(1);
-  const int32_t* lens = static_cast<const int32_t*>(seq_lens.data());
-  const int32_t* table = static_cast<const int32_t*>(page_table.data());
-  int32_t max_len = 0;
-  for (int64_t s = 0; s < n_seqs; ++s) {
-    if (lens[s] < 0 || lens[s] > max_pages * page_size) {
-      throw py::value_error("seq_lens[" + std::to_string(s) + "] = " + std::to_string(lens[s]) +
-                            " is outside [0, page_table.shape[1] * page_size]");
-    }
-    max_len = std::max(max_len, lens[s]);
-    for (int64_t i = 0; i < (lens[s] + page_size - 1) / page_size; ++i) {
-      const int32_t page = table[s * max_pages + i];
-      if (page < 0 || page >= n_pages) {
-        throw py::value_error("page_table[" + std::to_string(s) + ", " + std::to_string(i) +
-                              "] = " + std::to_string(page) + " is not a page of the pool");
-      }
-    }
-  }
+  const int32_t max_len = check_page_table(page_table, seq_lens, n_seqs, page_size, n_pages, 0);
   require_device();
 
   lme::CudaDecodeAttentionArgs a;
@@ -314,23 +324,7 @@ py::object attention_sparse_decode(const py::array& q, const py::array& k_pool, 
     throw py::value_error("need 1 to 65535 sequences and heads");
   check_iters(iters);
   const int64_t max_pages = page_table.shape(1);
-  const int32_t* lens = static_cast<const int32_t*>(seq_lens.data());
-  const int32_t* table = static_cast<const int32_t*>(page_table.data());
-  int32_t max_len = 0;
-  for (int64_t s = 0; s < n_seqs; ++s) {
-    if (lens[s] < 1 || lens[s] > max_pages * page_size) {
-      throw py::value_error("seq_lens[" + std::to_string(s) + "] = " + std::to_string(lens[s]) +
-                            " is outside [1, page_table.shape[1] * page_size]");
-    }
-    max_len = std::max(max_len, lens[s]);
-    for (int64_t i = 0; i < (lens[s] + page_size - 1) / page_size; ++i) {
-      const int32_t page = table[s * max_pages + i];
-      if (page < 0 || page >= n_pages) {
-        throw py::value_error("page_table[" + std::to_string(s) + ", " + std::to_string(i) + "] = " +
-                              std::to_string(page) + " is not a page of the pool");
-      }
-    }
-  }
+  const int32_t max_len = check_page_table(page_table, seq_lens, n_seqs, page_size, n_pages, 1);
   require_device();
 
   lme::CudaSparseDecodeArgs a;
