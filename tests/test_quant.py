@@ -25,6 +25,9 @@ from lmengine import _core
 #     the worst case for k <= 2000 terms is k * 2^-24 ~ 1.2e-4.
 # The SIMD path and the scalar reference see the same 8-bit activations, so they differ only by
 # the fp32 term.
+#   * activation_bits=16 (the engine's default "wide" rows): 32-element block types see 16-bit
+#     blocks, d = amax / 32767; K-quants see an 8-bit row plus its 8-bit rounding residual, whose
+#     error is at most amax / 127 / 2 / 127 / 2. Both are below amax / WIDE_STEPS / 2.
 ACTIVATION_BLOCK = {  # weight type -> elements per 8-bit activation block (None: fp32 activations)
     G.Q4_0: 32,
     G.Q4_1: 32,
@@ -37,6 +40,7 @@ ACTIVATION_BLOCK = {  # weight type -> elements per 8-bit activation block (None
     G.BF16: None,
 }
 FP32_SUM_REL = 1.5e-4
+STEPS = {8: 127.0, 16: 127.0 * 254.0}  # activation_bits -> amax / (largest rounding step)
 # ---------------------------------------------------------------------------------------------
 
 SUPPORTED = list(ACTIVATION_BLOCK)
@@ -109,7 +113,7 @@ def assert_bit_exact(actual: np.ndarray, expected: np.ndarray) -> None:
         )
 
 
-def matmul_error_bound(t: G, w_deq: np.ndarray, x: np.ndarray) -> np.ndarray:
+def matmul_error_bound(t: G, w_deq: np.ndarray, x: np.ndarray, bits: int = 8) -> np.ndarray:
     """[T, rows] bound on |quant_matmul - W @ x.T| (see the tolerance table)."""
     w_abs = np.abs(w_deq.astype(np.float64))
     x64 = x.astype(np.float64)
@@ -117,7 +121,7 @@ def matmul_error_bound(t: G, w_deq: np.ndarray, x: np.ndarray) -> np.ndarray:
     block = ACTIVATION_BLOCK[t]
     if block is not None:
         amax = np.abs(x64).reshape(x.shape[0], -1, block).max(axis=-1)
-        half_step = np.repeat(amax / 127.0 / 2.0, block, axis=-1)
+        half_step = np.repeat(amax / STEPS[bits] / 2.0, block, axis=-1)
         bound += half_step @ w_abs.T
     return bound
 
@@ -175,14 +179,14 @@ def test_dequantize_every_f16_and_bf16_bit_pattern():
 # quant_matmul against numpy, at awkward sizes
 
 
-def check_matmul(t: G, raw: np.ndarray, k: int, x: np.ndarray) -> None:
+def check_matmul(t: G, raw: np.ndarray, k: int, x: np.ndarray, bits: int = 8) -> None:
     rows = raw.shape[0]
     w_deq = gguf_dequantize(t, raw, rows)
     expected = x.astype(np.float64) @ w_deq.astype(np.float64).T
-    bound = matmul_error_bound(t, w_deq, x)
+    bound = matmul_error_bound(t, w_deq, x, bits)
     fp32_bound = FP32_SUM_REL * (np.abs(x.astype(np.float64)) @ np.abs(w_deq.astype(np.float64)).T)
-    fast = _core.quant_matmul(int(t), raw, k, x)
-    reference = _core.quant_matmul(int(t), raw, k, x, reference=True)
+    fast = _core.quant_matmul(int(t), raw, k, x, activation_bits=bits)
+    reference = _core.quant_matmul(int(t), raw, k, x, reference=True, activation_bits=bits)
     assert fast.shape == reference.shape == (x.shape[0], rows)
     for name, y in (("simd", fast), ("reference", reference)):
         err = np.abs(y - expected)
@@ -208,6 +212,37 @@ def test_quant_matmul_matches_numpy(t, rows, n_tokens, k_blocks):
     check_matmul(t, raw, k, x)
 
 
+# Wide rows (activation_bits=16) through every tile shape: 1 token (4-row tiles, 2 for Q8_0),
+# 2-4 tokens, 5+ tokens, and row counts that leave partial tiles.
+@pytest.mark.parametrize("t", BLOCK_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("rows", [1, 3, 5, 64])
+@pytest.mark.parametrize("n_tokens", [1, 2, 3, 4, 5, 11])
+@pytest.mark.parametrize("k_blocks", [1, 8, 19])
+def test_quant_matmul_wide_matches_numpy(t, rows, n_tokens, k_blocks):
+    rng = np.random.default_rng(7000 * rows + 10 * n_tokens + k_blocks)
+    k = k_blocks * block_size(t)
+    raw = make_weights(t, rows, k, rng)
+    x = rng.standard_normal((n_tokens, k), dtype=np.float32)
+    check_matmul(t, raw, k, x, bits=16)
+
+
+@pytest.mark.parametrize("t", BLOCK_TYPES, ids=lambda t: t.name)
+def test_quant_matmul_wide_is_finer_than_8_bit(t):
+    # The wide rows must actually carry more precision: on the same data their worst error is
+    # far below the 8-bit rows' (a wide path that silently fell back to 8 bits would fail this).
+    rng = np.random.default_rng(11)
+    k = 8 * block_size(t)
+    raw = make_weights(t, 32, k, rng)
+    x = rng.standard_normal((4, k), dtype=np.float32)
+    w_deq = gguf_dequantize(t, raw, 32).astype(np.float64)
+    expected = x.astype(np.float64) @ w_deq.T
+    err = {
+        bits: np.abs(_core.quant_matmul(int(t), raw, k, x, activation_bits=bits) - expected).max()
+        for bits in (8, 16)
+    }
+    assert err[16] < err[8] / 30, err
+
+
 # Batching invariance: the engine relies on a token's result not depending on which other tokens
 # share the call. The kernels take 1 token, 2-4 tokens (decode with residual activation rows) and
 # 5+ tokens (prefill) through different tile shapes; every one must give each (row, token) the
@@ -215,15 +250,19 @@ def test_quant_matmul_matches_numpy(t, rows, n_tokens, k_blocks):
 @pytest.mark.parametrize("t", SUPPORTED, ids=lambda t: t.name)
 @pytest.mark.parametrize("n_tokens", [2, 3, 4, 5, 9])
 @pytest.mark.parametrize("rows", [1, 3, 7, 130])
-def test_quant_matmul_tokens_are_independent(t, n_tokens, rows):
+@pytest.mark.parametrize("bits", [8, 16])
+def test_quant_matmul_tokens_are_independent(t, n_tokens, rows, bits):
     rng = np.random.default_rng(100 * rows + n_tokens)
     k = 19 * (block_size(t) if block_size(t) > 1 else 37)
     raw = make_weights(t, rows, k, rng)
     x = rng.standard_normal((n_tokens, k), dtype=np.float32)
     alone = np.concatenate(
-        [_core.quant_matmul(int(t), raw, k, x[i : i + 1]) for i in range(n_tokens)]
+        [
+            _core.quant_matmul(int(t), raw, k, x[i : i + 1], activation_bits=bits)
+            for i in range(n_tokens)
+        ]
     )
-    assert_bit_exact(_core.quant_matmul(int(t), raw, k, x), alone)
+    assert_bit_exact(_core.quant_matmul(int(t), raw, k, x, activation_bits=bits), alone)
 
 
 @pytest.mark.parametrize("t", SUPPORTED, ids=lambda t: t.name)
@@ -236,7 +275,8 @@ def test_quant_matmul_many_tokens(t):
 
 
 @pytest.mark.parametrize("t", SUPPORTED, ids=lambda t: t.name)
-def test_quant_matmul_outliers_and_zero_blocks(t):
+@pytest.mark.parametrize("bits", [8, 16])
+def test_quant_matmul_outliers_and_zero_blocks(t, bits):
     # An activation block of zeros (scale 0) and blocks dominated by one large value.
     rng = np.random.default_rng(3)
     k = 4 * max(block_size(t), 32)
@@ -245,7 +285,7 @@ def test_quant_matmul_outliers_and_zero_blocks(t):
     x[0, : k // 4] = 0.0
     x[1, 5] = 1e4
     x[2] *= 1e-30
-    check_matmul(t, raw, k, x)
+    check_matmul(t, raw, k, x, bits)
 
 
 @pytest.mark.parametrize("t", SUPPORTED, ids=lambda t: t.name)
@@ -344,6 +384,10 @@ def test_quant_matmul_rejects():
     for args, message in bad:
         with pytest.raises(ValueError, match=message):
             _core.quant_matmul(*args)
+    with pytest.raises(ValueError, match="activation_bits must be 8 or 16"):
+        _core.quant_matmul(int(G.Q4_0), w, k, x, activation_bits=12)
+    with pytest.raises(ValueError, match="excludes fp32_activations"):
+        _core.quant_matmul(int(G.Q4_0), w, k, x, fp32_activations=True, activation_bits=16)
 
 
 def test_dtype_row_bytes_rejects():

@@ -3,6 +3,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -68,9 +69,16 @@ py::array_t<float> dequantize(int64_t ggml_type, const py::array& data, int64_t 
 
 // Y[T, rows] = X[T, k] @ W[rows, k]^T, with X converted by quantize_activation_row first.
 py::array_t<float> quant_matmul(int64_t ggml_type, const py::array& weights, int64_t k,
-                                const py::array& x, bool reference, bool fp32_activations) {
+                                const py::array& x, bool reference, bool fp32_activations,
+                                int64_t activation_bits) {
   if (reference && fp32_activations) {
     throw py::value_error("reference=True runs the 8-bit kernels; it excludes fp32_activations");
+  }
+  if (activation_bits != 8 && activation_bits != 16) {
+    throw py::value_error("activation_bits must be 8 or 16, got " + std::to_string(activation_bits));
+  }
+  if (activation_bits == 16 && fp32_activations) {
+    throw py::value_error("activation_bits=16 selects wide integer rows; it excludes fp32_activations");
   }
   const DType t = checked_type(ggml_type);
   check_length(t, k, "k");
@@ -98,6 +106,20 @@ py::array_t<float> quant_matmul(int64_t ggml_type, const py::array& weights, int
       std::vector<const float*> x_rows(static_cast<size_t>(n_tokens));
       for (int64_t i = 0; i < n_tokens; ++i) x_rows[i] = xf + i * k;
       lme::matmul_rows_f32(t, k, w, row_bytes, rows, x_rows.data(), n_tokens, yp, rows);
+      return y;
+    }
+    if (activation_bits == 16) {
+      // Even stride: K-quants' residual rows sit in each token row's second half.
+      const int64_t stride = (lme::activation_row_bytes_wide(t, k) + 1) / 2 * 2;
+      std::vector<uint8_t> act(static_cast<size_t>(n_tokens * stride));
+      std::vector<float> scratch(static_cast<size_t>(std::max<int64_t>(k, 2 * n_tokens * rows)));
+      for (int64_t i = 0; i < n_tokens; ++i)
+        lme::quantize_activation_row_wide(t, xf + i * k, act.data() + i * stride, stride,
+                                          scratch.data(), k);
+      if (rows > 0 && n_tokens > 0) {
+        (reference ? lme::matmul_rows_wide_reference : lme::matmul_rows_wide)(
+            t, k, w, row_bytes, rows, act.data(), stride, n_tokens, yp, rows, scratch.data());
+      }
       return y;
     }
     const int64_t act_bytes = lme::activation_row_bytes(t, k);
@@ -138,9 +160,11 @@ void bind_quant(py::module_& m) {
         "dequantize(ggml_type, data: uint8[>= row bytes], n_elements) -> float32[n_elements]");
   m.def("quant_matmul", &quant_matmul, py::arg("ggml_type"), py::arg("weights"), py::arg("k"),
         py::arg("x"), py::arg("reference") = false, py::arg("fp32_activations") = false,
+        py::arg("activation_bits") = 8,
         "quant_matmul(ggml_type, weights: uint8[rows, row_bytes], k, x: float32[T, k], "
-        "reference=False, fp32_activations=False)"
-        " -> float32[T, rows]. x is converted to the 8-bit activation format first; reference=True"
-        " runs the scalar kernels instead of the SIMD ones; fp32_activations=True runs the"
-        " prompt-chunk kernel (weights dequantized panel by panel, x used as fp32).");
+        "reference=False, fp32_activations=False, activation_bits=8)"
+        " -> float32[T, rows]. x is converted to the 8-bit activation format first (activation_bits"
+        "=16: the engine's wide rows, 16-bit or value + residual 8-bit); reference=True runs the"
+        " scalar kernels instead of the SIMD ones; fp32_activations=True runs the prompt-chunk"
+        " kernel (weights dequantized panel by panel, x used as fp32).");
 }

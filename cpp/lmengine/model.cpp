@@ -474,15 +474,15 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
     return i;
   };
 
-  // Activation rows of token t for weight type ty: one row at base + t*xs, or with two-level
-  // activations the value row at base + 2t*xs followed by its residual row. fp32-path tokens keep
+  // Activation rows of token t for weight type ty: one row at base + t*xs, or with wide
+  // activations (quant.h) one wide row of 2*xs bytes at base + 2t*xs. fp32-path tokens keep
   // x itself (it stays unchanged until the product has run).
   auto prepare = [&](DType ty, const float* x, uint8_t* base, int64_t t, int64_t k) {
     if (f32_now[t]) {
       S.f32_rows[slot_of(base) * S.cap_tokens + t] = x;
     } else if (two_now && activation_is_quantized(ty)) {
       float* tmp = &S.row_tmp[int64_t(pc.tid()) * S.row_tmp_len];
-      quantize_activation_row_residual(ty, x, base + 2 * t * xs, base + (2 * t + 1) * xs, tmp, k);
+      quantize_activation_row_wide(ty, x, base + 2 * t * xs, 2 * xs, tmp, k);
     } else {
       quantize_activation_row(ty, x, base + t * xs, k);
     }
@@ -528,15 +528,9 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
         } else if (!two) {
           matmul_rows(w.type, w.cols, wr, rb, nr, job.x + t0 * xs, xs, n, y0, job.ldy);
         } else {
-          // Value and residual rows go through as 2n tokens of one tile (weights read once).
           float* tmp = &S.mm_tmp[int64_t(pc.tid()) * S.mm_tmp_len];
-          matmul_rows(w.type, w.cols, wr, rb, nr, job.x + 2 * t0 * xs, xs, 2 * n, tmp, nr);
-          for (int64_t t = 0; t < n; ++t) {
-            const float* hi = tmp + 2 * t * nr;
-            const float* lo = hi + nr;
-            float* y = y0 + t * job.ldy;
-            for (int64_t r = 0; r < nr; ++r) y[r] = hi[r] + lo[r];
-          }
+          matmul_rows_wide(w.type, w.cols, wr, rb, nr, job.x + 2 * t0 * xs, 2 * xs, n, y0, job.ldy,
+                           tmp);
         }
       }
     });

@@ -43,10 +43,11 @@ struct ModelConfig {
   // window use rope_inv_freq_local when it is given (Gemma 3: local base 10000, global 1e6).
   std::vector<int32_t> layer_sliding_window;
   std::vector<float> rope_inv_freq_local;
-  // 16: activations of quantized products are two 8-bit rows (value + rounding residual), close
-  // to fp32 results; 8: one 8-bit row, as llama.cpp does (faster prefill, ~1% logit error).
+  // 16: quantized products take wide activation rows (quant.h: 16-bit blocks, or value + residual
+  // 8-bit rows for K-quants), close to fp32 results; 8: one 8-bit row, as llama.cpp does (~1%
+  // logit error).
   int32_t activation_bits = 16;
-  int32_t two_level_mask = 31;  // which products get two-level rows when activation_bits == 16
+  int32_t two_level_mask = 31;  // which products get wide rows when activation_bits == 16
   // RMSNorm of q and k before RoPE: 0 none, 1 per head over head_dim (Qwen3), 2 over the whole
   // projection (OLMoE).
   int32_t qk_norm = 0;

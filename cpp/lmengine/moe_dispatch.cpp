@@ -42,11 +42,11 @@ Status check(const WeightTensor& t, const std::string& name, int64_t rows, int64
 bool two_level_for(bool two, DType t) { return two && activation_is_quantized(t); }
 
 // Activation rows of token t for weight type ty, laid out as Engine::forward does: one row at
-// base + t*xs, or with two-level activations the value row at base + 2t*xs and its residual next.
+// base + t*xs, or with wide activations (quant.h) one wide row of 2*xs bytes at base + 2t*xs.
 void prepare_row(DType ty, const float* x, uint8_t* base, int64_t t, int64_t k, int64_t xs, bool two,
                  float* tmp) {
   if (two_level_for(two, ty)) {
-    quantize_activation_row_residual(ty, x, base + 2 * t * xs, base + (2 * t + 1) * xs, tmp, k);
+    quantize_activation_row_wide(ty, x, base + 2 * t * xs, 2 * xs, tmp, k);
   } else {
     quantize_activation_row(ty, x, base + t * xs, k);
   }
@@ -60,14 +60,7 @@ void product_rows(const WeightTensor& w, int64_t r0, int64_t nr, const uint8_t* 
     matmul_rows(w.type, w.cols, w.data + r0 * rb, rb, nr, x, xs, n_tok, y + r0, ldy);
     return;
   }
-  // Value and residual rows go through as 2*n_tok tokens of one tile (weights read once).
-  matmul_rows(w.type, w.cols, w.data + r0 * rb, rb, nr, x, xs, 2 * n_tok, tmp, nr);
-  for (int64_t t = 0; t < n_tok; ++t) {
-    const float* hi = tmp + 2 * t * nr;
-    const float* lo = hi + nr;
-    float* yr = y + t * ldy + r0;
-    for (int64_t r = 0; r < nr; ++r) yr[r] = hi[r] + lo[r];
-  }
+  matmul_rows_wide(w.type, w.cols, w.data + r0 * rb, rb, nr, x, 2 * xs, n_tok, y + r0, ldy, tmp);
 }
 
 // Chooses token t's experts from its router logits. tmp: 2E floats. Ties go to the lower index.

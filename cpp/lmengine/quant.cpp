@@ -383,38 +383,7 @@ float dot_q32_reference(DType t, const uint8_t* w, const uint8_t* x, int64_t k) 
   for (int64_t b = 0; b < nb; ++b, xq += kQ32) {
     int qw[32];
     float dw, c;
-    switch (t) {
-      case DType::Q4_0:
-        dw = load_half(w);
-        c = -8.f * dw;
-        for (int j = 0; j < 16; ++j) qw[j] = w[2 + j] & 15, qw[j + 16] = w[2 + j] >> 4;
-        w += kBytesQ4_0;
-        break;
-      case DType::Q4_1:
-        dw = load_half(w);
-        c = load_half(w + 2);
-        for (int j = 0; j < 16; ++j) qw[j] = w[4 + j] & 15, qw[j + 16] = w[4 + j] >> 4;
-        w += kBytesQ4_1;
-        break;
-      case DType::Q5_0: {
-        dw = load_half(w);
-        c = -16.f * dw;
-        uint32_t qh;
-        std::memcpy(&qh, w + 2, 4);
-        for (int j = 0; j < 16; ++j) {
-          qw[j] = (w[6 + j] & 15) | (((qh >> j) & 1) << 4);
-          qw[j + 16] = (w[6 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
-        }
-        w += kBytesQ5_0;
-        break;
-      }
-      default:  // Q8_0
-        dw = load_half(w);
-        c = 0.f;
-        for (int j = 0; j < 32; ++j) qw[j] = static_cast<int8_t>(w[2 + j]);
-        w += kBytesQ8_0;
-        break;
-    }
+    w += unpack_q32_block(t, w, qw, dw, c);
     int dot = 0;
     for (int j = 0; j < 32; ++j) dot += qw[j] * xq[j];
     sum += dw * xd[b] * static_cast<float>(dot) + c * xs[b];

@@ -66,6 +66,28 @@ void dequantize_activation_row(DType weight_type, const void* src, float* dst, i
 void quantize_activation_row_residual(DType weight_type, const float* x, void* dst_hi, void* dst_lo,
                                       float* scratch, int64_t k);
 
+// Wide activations (the engine's activation_bits = 16): ~15-16 bits of activation precision.
+//   Q4_0, Q4_1, Q5_0, Q8_0: one 16-bit row per token (Q16_32: int16 q[k] | float d[k/32] |
+//       float s[k/32], d = amax/32767), multiplied with 16-bit integer products; at one token it
+//       costs what the 8-bit row does.
+//   Q4_K, Q6_K: the 8-bit row in the first half of the token's x_stride bytes and its rounding
+//       residual's 8-bit row in the second half (two products, summed).
+//   Float weights: fp32, as for matmul_rows.
+// A token's wide row takes x_stride bytes; x_stride must be even and at least
+// activation_row_bytes_wide(wt, k).
+int64_t activation_row_bytes_wide(DType weight_type, int64_t k);
+// scratch: k floats.
+void quantize_activation_row_wide(DType weight_type, const float* x, void* dst, int64_t x_stride,
+                                  float* scratch, int64_t k);
+// As matmul_rows over wide rows; scratch: 2 * n_tokens * n_rows floats (used by K-quants only).
+void matmul_rows_wide(DType wt, int64_t k, const void* W, int64_t w_stride, int64_t n_rows,
+                      const void* X, int64_t x_stride, int64_t n_tokens, float* Y, int64_t ldy,
+                      float* scratch);
+// Scalar reference of matmul_rows_wide (same result up to float summation order).
+void matmul_rows_wide_reference(DType wt, int64_t k, const void* W, int64_t w_stride,
+                                int64_t n_rows, const void* X, int64_t x_stride, int64_t n_tokens,
+                                float* Y, int64_t ldy, float* scratch);
+
 // The instruction set the matmul_rows kernels were compiled for: "avx2", "avx2+avx512vnni",
 // "avx2+avxvnni" or "scalar". The core has its own compile flags, so ask it, not the binding.
 const char* matmul_simd_name();

@@ -8,6 +8,8 @@
 //   Q8_256 (for Q4_K, Q6_K weights): int8 q[k] | float d[k/256] | int16 bsum[k/16]
 //       bsum[j] = sum of q[16j .. 16j+15], for the K-quants' per-sub-block mins and offsets.
 //   F32 (for F32, F16, BF16 weights): float x[k]
+//   Q16_32 (wide rows for Q4_0, Q4_1, Q5_0, Q8_0): int16 q[k] | float d[k/32] | float s[k/32]
+//       as Q8_32 with q in [-32767, 32767] and d = amax / 32767 (see quant.h, "wide").
 // All q are in [-127, 127] (never -128), which keeps the AVX2 u8*s8 pair sums below 2^15.
 #pragma once
 
@@ -46,9 +48,43 @@ inline void q4k_scales_mins(const uint8_t* packed, uint8_t sc[8], uint8_t m[8]) 
   }
 }
 
+// Unpacks one block of a 32-element type (Q4_0, Q4_1, Q5_0, Q8_0) for the scalar references:
+// integer values qw, scale dw and constant term c (x[i] = dw * qw[i] + c). Returns its bytes.
+inline int64_t unpack_q32_block(DType t, const uint8_t* w, int qw[32], float& dw, float& c) {
+  dw = fp16_to_fp32(static_cast<uint16_t>(w[0] | (w[1] << 8)));
+  switch (t) {
+    case DType::Q4_0:
+      c = -8.f * dw;
+      for (int j = 0; j < 16; ++j) qw[j] = w[2 + j] & 15, qw[j + 16] = w[2 + j] >> 4;
+      return kBytesQ4_0;
+    case DType::Q4_1:
+      c = fp16_to_fp32(static_cast<uint16_t>(w[2] | (w[3] << 8)));
+      for (int j = 0; j < 16; ++j) qw[j] = w[4 + j] & 15, qw[j + 16] = w[4 + j] >> 4;
+      return kBytesQ4_1;
+    case DType::Q5_0: {
+      c = -16.f * dw;
+      const uint32_t qh = static_cast<uint32_t>(w[2]) | (static_cast<uint32_t>(w[3]) << 8) |
+                          (static_cast<uint32_t>(w[4]) << 16) | (static_cast<uint32_t>(w[5]) << 24);
+      for (int j = 0; j < 16; ++j) {
+        qw[j] = (w[6 + j] & 15) | (((qh >> j) & 1) << 4);
+        qw[j + 16] = (w[6 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
+      }
+      return kBytesQ5_0;
+    }
+    default:  // Q8_0
+      c = 0.f;
+      for (int j = 0; j < 32; ++j) qw[j] = static_cast<int8_t>(w[2 + j]);
+      return kBytesQ8_0;
+  }
+}
+
 // SIMD matmul_rows for the compiled-in instruction set; false when none applies to wt.
 bool matmul_rows_simd(DType wt, int64_t k, const uint8_t* W, int64_t w_stride, int64_t n_rows,
                       const uint8_t* X, int64_t x_stride, int64_t n_tokens, float* Y, int64_t ldy);
+// The same for Q16_32 rows (Q4_0, Q4_1, Q5_0, Q8_0 weights only).
+bool matmul_rows_q16_simd(DType wt, int64_t k, const uint8_t* W, int64_t w_stride, int64_t n_rows,
+                          const uint8_t* X, int64_t x_stride, int64_t n_tokens, float* Y,
+                          int64_t ldy);
 
 }  // namespace quant_detail
 }  // namespace lme
