@@ -396,3 +396,29 @@ def attn_args(L=17, kv_dtype="f32", lo=0, page_size=16, order=(1, 0), k_len=None
     k = np.ones((L if k_len is None else k_len, 4), f32)
     v = np.ones((L, 4), f32)
     return q, k, v, lo, page_size, kv_dtype, np.asarray(order, np.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# log_sum_exp (the sampler's one pass over a logits row)
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 513, 49152])
+def test_log_sum_exp_matches_float64(n):
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal(n) * 8).astype(np.float32)
+    peak, lse = kernels.log_sum_exp(x)
+    x64 = x.astype(np.float64)
+    assert peak == x.max()
+    want = x64.max() + np.log(np.exp(x64 - x64.max()).sum())
+    assert abs(lse - want) <= 1e-6 * max(1.0, abs(want))
+
+
+def test_log_sum_exp_non_finite_and_bad_input():
+    x = np.array([1.0, np.nan, 3.0], np.float32)
+    assert np.isnan(kernels.log_sum_exp(x)[0])
+    assert kernels.log_sum_exp(np.array([-np.inf, -np.inf], np.float32))[0] == -np.inf
+    assert kernels.log_sum_exp(np.array([0.0, np.inf], np.float32)) == (np.inf, np.inf)
+    with pytest.raises(ValueError, match="empty"):
+        kernels.log_sum_exp(np.zeros(0, np.float32))
+    with pytest.raises(ValueError, match="dtype"):
+        kernels.log_sum_exp(np.zeros(4, np.float64))

@@ -150,6 +150,19 @@ py::array exp_copy(const py::array& x) {
   return out;
 }
 
+py::tuple log_sum_exp(const py::array& x) {
+  check_array(x, py::dtype::of<float>(), 1, "x");
+  if (x.size() == 0) throw py::value_error("log_sum_exp: x is empty");
+  const float* xp = f32_in(x);
+  float peak = 0.f;
+  double lse = 0.0;
+  {
+    py::gil_scoped_release release;
+    lme::log_sum_exp(xp, x.size(), &peak, &lse);
+  }
+  return py::make_tuple(peak, lse);
+}
+
 lme::KVDType parse_kv_dtype(const std::string& name) {
   if (name == "f32") return lme::KVDType::F32;
   if (name == "f16") return lme::KVDType::F16;
@@ -351,6 +364,9 @@ void bind_kernels(py::module_& m) {
         "gelu_tanh_mul(gate: float32[T, n], up: float32[T, n]) -> float32[T, n] = gelu_tanh(gate) * up");
   k.def("exp", &exp_copy, py::arg("x"),
         "exp(x: float32[...]) -> float32[...]; inputs below -87.3 give 0.");
+  k.def("log_sum_exp", &log_sum_exp, py::arg("x"),
+        "log_sum_exp(x: float32[n], n >= 1) -> (max(x), max + log(sum(exp(x - max)))); max is NaN"
+        " if any x is NaN, and the second value equals the first when the max is not finite.");
   k.def("attention_paged", &attention_paged, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("lo"), py::arg("page_size"), py::arg("kv_dtype"), py::arg("page_order"),
         py::arg("scale") = py::none(),

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "lmengine/kv_cache.h"
 #include "lmengine/quant.h"
@@ -58,6 +59,48 @@ void exp_inplace(float* x, int64_t n) {
     std::memcpy(&r, &bits, 4);
     x[i] = in >= -87.3f ? r : 0.f;
   }
+}
+
+void log_sum_exp(const float* x, int64_t n, float* peak, double* lse) {
+  float lane_max[8];
+  for (int l = 0; l < 8; ++l) lane_max[l] = -std::numeric_limits<float>::infinity();
+  bool nan = false;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int l = 0; l < 8; ++l) {
+      const float v = x[i + l];
+      nan |= v != v;
+      lane_max[l] = v > lane_max[l] ? v : lane_max[l];
+    }
+  }
+  float mx = -std::numeric_limits<float>::infinity();
+  for (; i < n; ++i) {
+    nan |= x[i] != x[i];
+    mx = x[i] > mx ? x[i] : mx;
+  }
+  for (int l = 0; l < 8; ++l) mx = lane_max[l] > mx ? lane_max[l] : mx;
+  if (nan) mx = std::numeric_limits<float>::quiet_NaN();
+  *peak = mx;
+  if (!std::isfinite(mx)) {
+    *lse = mx;
+    return;
+  }
+  constexpr int64_t kTile = 512;
+  float e[kTile];
+  double total = 0.0;
+  for (int64_t i0 = 0; i0 < n; i0 += kTile) {
+    const int64_t m = n - i0 < kTile ? n - i0 : kTile;
+    for (int64_t j = 0; j < m; ++j) e[j] = x[i0 + j] - mx;
+    exp_inplace(e, m);
+    float lanes[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};  // 8 short fp32 chains
+    int64_t j = 0;
+    for (; j + 8 <= m; j += 8) {
+      for (int l = 0; l < 8; ++l) lanes[l] += e[j + l];
+    }
+    for (; j < m; ++j) total += e[j];
+    for (int l = 0; l < 8; ++l) total += lanes[l];
+  }
+  *lse = static_cast<double>(mx) + std::log(total);
 }
 
 void silu_mul_row(float* gate, const float* up, int64_t n) {

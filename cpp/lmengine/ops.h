@@ -18,6 +18,9 @@ void gelu_tanh_mul_row(float* gate, const float* up, int64_t n);
 // x = exp(x). Relative error <= 2e-7 + |x| * 2^-24 (the fp32 rounding of x*log2e); inputs
 // below -87.3 flush to 0, above 88.3 saturate at ~2.2e38. Softmax callers pass x <= 0.
 void exp_inplace(float* x, int64_t n);
+// peak = max(x) (NaN if any x is NaN), lse = peak + log(sum(exp(x - peak))) summed in double
+// (lse = peak when peak is not finite). n >= 1. No allocation: exp runs over a stack tile.
+void log_sum_exp(const float* x, int64_t n, float* peak, double* lse);
 // Rotates one head vector in place. interleaved: pairs (2i, 2i+1); else pairs (i, i + dim/2).
 void rope_row(float* x, const float* cos, const float* sin, int32_t dim, bool interleaved);
 

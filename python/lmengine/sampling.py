@@ -33,6 +33,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from lmengine._core import kernels as _kernels
 from lmengine.errors import InvalidRequestError, SamplingParamsError
 
 __all__ = [
@@ -395,17 +396,17 @@ class Sampler:
 
     def sample(self, logits: np.ndarray) -> SampleResult:
         """Draw the next token from one ``(vocab,)`` logits row (not modified) and record it."""
-        raw, raw_max = self._check_logits(logits)
+        raw, raw_max, raw_log_total = self._check_logits(logits)
         penalized = self._penalized(raw)
-        raw_exp = np.subtract(raw, np.float32(raw_max))
-        np.exp(raw_exp, out=raw_exp)
-        raw_log_total = raw_max + math.log(float(raw_exp.sum(dtype=np.float64)))
 
         if self.params.is_greedy:
             token_id = int(np.argmax(penalized))
         else:
-            # At temperature 1 without penalties the sampling weights are raw_exp itself.
-            reuse = raw_exp if penalized is raw and self.params.temperature == 1.0 else None
+            reuse = None
+            if penalized is raw and self.params.temperature == 1.0:
+                # At temperature 1 without penalties the sampling weights are exp(raw - max).
+                reuse = np.subtract(raw, np.float32(raw_max))
+                np.exp(reuse, out=reuse)
             token_id = self._truncate(penalized, reuse).draw(self._rng.random())
 
         top = None
@@ -429,20 +430,21 @@ class Sampler:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _check_logits(self, logits: np.ndarray) -> tuple[np.ndarray, float]:
-        """``logits`` as a float32 row, and its max."""
-        raw = np.asarray(logits, dtype=np.float32)
+    def _check_logits(self, logits: np.ndarray) -> tuple[np.ndarray, float, float]:
+        """``logits`` as a contiguous float32 row, its max and its log-sum-exp."""
+        raw = np.ascontiguousarray(logits, dtype=np.float32)
         if raw.ndim != 1 or raw.size == 0:
             raise ValueError(f"Sampler: expected (vocab,) logits, got shape {raw.shape}")
         if self._vocab_size is None:
             self._init_vocab(raw.size)
         elif raw.size != self._vocab_size:
             raise ValueError(f"Sampler: vocab changed from {self._vocab_size} to {raw.size}")
-        peak = float(raw.max())
-        # max() propagates NaN, so one reduction catches NaN, +inf and an all -inf row.
+        # One pass in the core (vectorised exp, double sum); the max is NaN if any logit is, so
+        # one test catches NaN, +inf and an all -inf row.
+        peak, log_total = _kernels.log_sum_exp(raw)
         if not math.isfinite(peak):
             raise ValueError(f"Sampler: logits row is not usable (max = {peak})")
-        return raw, peak
+        return raw, peak, log_total
 
     def _init_vocab(self, vocab_size: int) -> None:
         self._vocab_size = vocab_size
