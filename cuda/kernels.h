@@ -148,4 +148,58 @@ bool cuda_gemv_supports(int32_t ggml_type);
 int cuda_gemv(int32_t ggml_type, const void* w, int64_t w_row_stride, int64_t rows, int64_t k,
               const float* x, int64_t n_tokens, float* y, void* stream);
 
+// Mixture-of-Experts feed-forward over T token rows (the CPU twin is cpp/lmengine/moe_dispatch.h,
+// which states the maths): router product, softmax or sigmoid(+ selection-only bias) scores with
+// group-limited top-k (ties to the lower expert), optional renormalisation, x
+// routed_scaling_factor; the (token, slot) pairs grouped by expert on the device; per expert
+// silu(gate x) * (up x) then down over its gathered rows; out[t] = Σ_slot weight * expert output in
+// slot order, plus the shared expert (x sigmoid(shared_gate_inp . x) when given). fp32 activations
+// and accumulation, no float atomics: the output is deterministic and a token's row does not depend
+// on the batch.
+//
+// Weights are row-major matrices of a type cuda_gemv_supports, rows contiguous
+// (dtype_row_bytes(type, cols) apart), every matrix 16-byte aligned (trusted: the per-expert
+// pointers live in device memory and are not read on the host). Expert gate and up share one type,
+// downs another; the row length must be a multiple of the type's block size.
+struct CudaMoEArgs {
+  const float* x = nullptr;   // [n_tokens, d], 16-byte aligned
+  float* out = nullptr;       // [n_tokens, d]
+  int64_t* counts = nullptr;  // [n_experts] optional: pairs (= tokens) each expert received
+  int64_t n_tokens = 0;
+  int64_t d = 0;
+  int64_t d_ff = 0;         // inner width of a routed expert
+  int64_t d_ff_shared = 0;  // inner width of the shared expert, 0: none
+  int64_t n_experts = 0;    // <= 4096
+  int64_t top_k = 0;
+  int32_t scoring = 0;  // MoEScoring: 0 softmax, 1 sigmoid
+  bool norm_topk_prob = false;
+  int32_t n_group = 1;     // experts in n_group equal groups; only the topk_group groups with the
+  int32_t topk_group = 1;  // best sum of their top-2 choice values compete (n_group <= 256)
+  float routed_scaling_factor = 1.f;
+  int32_t router_type = 0;
+  const void* router = nullptr;       // [n_experts, d]
+  const float* score_bias = nullptr;  // [n_experts], sigmoid scoring only (optional)
+  int32_t gate_up_type = 0;
+  const void* const* gate = nullptr;  // [n_experts] device pointers to [d_ff, d] matrices
+  const void* const* up = nullptr;    // [n_experts] device pointers to [d_ff, d] matrices
+  int32_t down_type = 0;
+  const void* const* down = nullptr;  // [n_experts] device pointers to [d, d_ff] matrices
+  int32_t shared_gate_up_type = 0;
+  const void* shared_gate = nullptr;  // [d_ff_shared, d]
+  const void* shared_up = nullptr;    // [d_ff_shared, d]
+  int32_t shared_down_type = 0;
+  const void* shared_down = nullptr;       // [d, d_ff_shared]
+  const float* shared_gate_inp = nullptr;  // [d] optional: shared output x sigmoid(w . x)
+  void* workspace = nullptr;               // cuda_moe_workspace_bytes(...) bytes, 256-byte aligned
+  int64_t workspace_bytes = 0;
+};
+
+// Scratch for up to n_tokens rows (monotone in every argument, so one workspace sized for the
+// largest step serves every smaller one), or -1 for invalid sizes.
+int64_t cuda_moe_workspace_bytes(int64_t n_tokens, int64_t d, int64_t d_ff, int64_t d_ff_shared,
+                                 int64_t n_experts, int64_t top_k);
+// Enqueues the layer on `stream`. Checks the config, types, block sizes, the alignment of x, the
+// router, the shared matrices and the workspace, and its size; trusts the expert pointer arrays.
+int cuda_moe_forward(const CudaMoEArgs& args, void* stream);
+
 }  // namespace lme

@@ -35,7 +35,16 @@ TOL = {("F32", 16): 2e-6, ("F16", 16): 2e-6, ("Q8_0", 16): 5e-4, ("Q4_0", 16): 5
 TOL_8BIT = 5e-2
 # ---------------------------------------------------------------------------------------------
 
-GTYPE = {"F32": G.F32, "F16": G.F16, "Q8_0": G.Q8_0, "Q4_0": G.Q4_0}
+# The CPU tests use F32, F16, Q8_0 and Q4_0; tests/test_cuda_moe.py the rest too.
+GTYPE = {
+    "F32": G.F32,
+    "F16": G.F16,
+    "BF16": G.BF16,
+    "Q8_0": G.Q8_0,
+    "Q4_0": G.Q4_0,
+    "Q4_1": G.Q4_1,
+    "Q5_0": G.Q5_0,
+}
 
 
 def as_weight(w: np.ndarray, kind: str) -> tuple[tuple, np.ndarray]:

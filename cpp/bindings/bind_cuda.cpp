@@ -20,6 +20,8 @@ namespace py = pybind11;
 #include <string>
 #include <vector>
 
+#include "bind_moe.h"
+#include "errors.h"
 #include "kernels.h"
 #include "lmengine/quant.h"
 
@@ -421,6 +423,138 @@ py::object gemv(int64_t ggml_type, const py::array& weights, int64_t k, const py
   return with_time(y, iters, ms);
 }
 
+// One MoE layer as cuda_moe_forward. The arguments are kernels.moe_forward's (weight tuples,
+// checked by the same validate_moe_layer, so bad layers raise the same typed errors); every tensor
+// is copied into one device arena at 256-byte aligned offsets, the per-expert pointer tables
+// after it. Returns (out float32[T, d], counts int64[E]) [+ milliseconds per call].
+py::object moe_forward(const py::array& x_in, const py::handle& router, const py::sequence& gate,
+                       const py::sequence& up, const py::sequence& down, int32_t top_k,
+                       const std::string& scoring, bool norm_topk_prob, int32_t n_group,
+                       int32_t topk_group, float routed_scaling_factor,
+                       const py::object& score_bias, const py::object& shared,
+                       const py::object& shared_gate_inp, int iters) {
+  lme_py::MoELayerArgs layer;
+  lme_py::moe_layer_from_python(router, gate, up, down, top_k, scoring, norm_topk_prob, n_group,
+                                topk_group, routed_scaling_factor, score_bias, shared,
+                                shared_gate_inp, layer);
+  const lme::MoEConfig& c = layer.config;
+  const lme::MoELayerWeights& w = layer.weights;
+  const int64_t d = layer.d_model, E = c.n_experts;
+  auto x = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(x_in);
+  if (!x || x.ndim() != 2 || x.shape(0) < 1 || x.shape(1) != d) {
+    lme_py::raise_error("InvalidRequestError",
+                        "x must be float32 [T >= 1, d = " + std::to_string(d) + "]");
+  }
+  check_iters(iters);
+  const int64_t T = x.shape(0);
+  const lme::WeightTensor* all[] = {&w.router, &w.gate[0], &w.down[0], &w.shared_gate,
+                                    &w.shared_down};
+  for (const lme::WeightTensor* t : all) {
+    if (t->data != nullptr && !lme::cuda_gemv_supports(static_cast<int32_t>(t->type))) {
+      lme_py::raise_error("UnsupportedModelError", std::string("the CUDA MoE path has no ") +
+                                                       lme::dtype_name(t->type) + " products");
+    }
+  }
+  const int64_t workspace_bytes =
+      lme::cuda_moe_workspace_bytes(T, d, c.d_ff_expert, c.d_ff_shared, E, c.top_k);
+  if (workspace_bytes < 0) {
+    lme_py::raise_error("InvalidRequestError", "too many tokens for one call (T * top_k)");
+  }
+  require_device();
+
+  // Host tensors and their offsets in the device arena.
+  struct Piece {
+    const void* host;
+    size_t bytes, offset;
+  };
+  std::vector<Piece> pieces;
+  size_t arena_bytes = 0;
+  auto place = [&](const void* host, size_t bytes) {
+    pieces.push_back({host, bytes, arena_bytes});
+    arena_bytes += (bytes + 255) / 256 * 256;
+    return pieces.back().offset;
+  };
+  auto place_tensor = [&](const lme::WeightTensor& t) -> int64_t {
+    if (t.data == nullptr) return -1;
+    return static_cast<int64_t>(
+        place(t.data, static_cast<size_t>(t.rows * lme::dtype_row_bytes(t.type, t.cols))));
+  };
+  const int64_t off_router = place_tensor(w.router), off_bias = place_tensor(w.score_bias);
+  const int64_t off_sg = place_tensor(w.shared_gate), off_su = place_tensor(w.shared_up),
+                off_sd = place_tensor(w.shared_down), off_sgi = place_tensor(w.shared_gate_inp);
+  std::vector<int64_t> off_experts(3 * E);  // gate, up, down of expert e at 3e, 3e + 1, 3e + 2
+  for (int64_t e = 0; e < E; ++e) {
+    off_experts[3 * e] = place_tensor(w.gate[e]);
+    off_experts[3 * e + 1] = place_tensor(w.up[e]);
+    off_experts[3 * e + 2] = place_tensor(w.down[e]);
+  }
+  const size_t table_offset = arena_bytes;
+  arena_bytes += 3 * E * sizeof(void*);
+
+  lme::CudaMoEArgs a;
+  a.n_tokens = T;
+  a.d = d;
+  a.d_ff = c.d_ff_expert;
+  a.d_ff_shared = c.d_ff_shared;
+  a.n_experts = E;
+  a.top_k = c.top_k;
+  a.scoring = static_cast<int32_t>(c.scoring);
+  a.norm_topk_prob = c.norm_topk_prob;
+  a.n_group = c.n_group;
+  a.topk_group = c.topk_group;
+  a.routed_scaling_factor = c.routed_scaling_factor;
+  a.router_type = static_cast<int32_t>(w.router.type);
+  a.gate_up_type = static_cast<int32_t>(w.gate[0].type);
+  a.down_type = static_cast<int32_t>(w.down[0].type);
+  a.shared_gate_up_type = static_cast<int32_t>(w.shared_gate.type);
+  a.shared_down_type = static_cast<int32_t>(w.shared_down.type);
+  a.workspace_bytes = workspace_bytes;
+
+  py::array_t<float> out({T, d});
+  py::array_t<int64_t> counts(E);
+  float* out_host = out.mutable_data();
+  int64_t* counts_host = counts.mutable_data();
+  float ms = 0.f;
+  {
+    py::gil_scoped_release release;
+    const DeviceBuffer arena(arena_bytes), dx(x.data(), nbytes(x)), dout(nbytes(out)),
+        dcounts(nbytes(counts)), dwork(static_cast<size_t>(workspace_bytes));
+    uint8_t* base = arena.as<uint8_t>();
+    for (const Piece& p : pieces)
+      check_status(lme::cuda_copy_to_device(base + p.offset, p.host, p.bytes));
+    auto device = [&](int64_t offset) -> const void* {
+      return offset < 0 ? nullptr : base + offset;
+    };
+    std::vector<const void*> tables(3 * E);  // gates, ups, downs
+    for (int64_t e = 0; e < E; ++e) {
+      for (int j = 0; j < 3; ++j) tables[j * E + e] = device(off_experts[3 * e + j]);
+    }
+    check_status(lme::cuda_copy_to_device(base + table_offset, tables.data(),
+                                          tables.size() * sizeof(void*)));
+    const void* const* device_tables = reinterpret_cast<const void* const*>(base + table_offset);
+    a.x = dx.as<float>();
+    a.out = dout.as<float>();
+    a.counts = dcounts.as<int64_t>();
+    a.router = device(off_router);
+    a.score_bias = static_cast<const float*>(device(off_bias));
+    a.gate = device_tables;
+    a.up = device_tables + E;
+    a.down = device_tables + 2 * E;
+    a.shared_gate = device(off_sg);
+    a.shared_up = device(off_su);
+    a.shared_down = device(off_sd);
+    a.shared_gate_inp = static_cast<const float*>(device(off_sgi));
+    a.workspace = dwork.as<void>();
+    auto launch = [&] { return lme::cuda_moe_forward(a, nullptr); };
+    check_status(launch());
+    dout.copy_to_host(out_host);
+    dcounts.copy_to_host(counts_host);
+    if (iters > 0) ms = time_launches(launch, iters);
+  }
+  if (iters > 0) return py::make_tuple(out, counts, ms);
+  return py::make_tuple(out, counts);
+}
+
 // Device-to-device copy of nbytes, for the benchmarks' bandwidth peer: milliseconds per copy.
 float memcpy_ms(int64_t n_bytes, int iters) {
   if (n_bytes <= 0 || iters <= 0) throw py::value_error("n_bytes and iters must be positive");
@@ -474,6 +608,26 @@ void bind_cuda(py::module_& m) {
            py::arg("iters") = 0,
            "gemv(ggml_type, weights: uint8[rows, row_bytes], k, x: float32[T, k], iters=0)"
            " -> float32[T, rows]");
+  cuda.def("moe_forward", &moe_forward, py::arg("x"), py::arg("router"), py::arg("gate"),
+           py::arg("up"), py::arg("down"), py::arg("top_k"), py::arg("scoring") = "softmax",
+           py::arg("norm_topk_prob") = false, py::arg("n_group") = 1, py::arg("topk_group") = 1,
+           py::arg("routed_scaling_factor") = 1.0f, py::arg("score_bias") = py::none(),
+           py::arg("shared") = py::none(), py::arg("shared_gate_inp") = py::none(),
+           py::arg("iters") = 0,
+           "moe_forward(x: float32[T, d], router, gate, up, down, top_k, scoring='softmax',"
+           " norm_topk_prob=False, n_group=1, topk_group=1, routed_scaling_factor=1.0,"
+           " score_bias=None, shared=None, shared_gate_inp=None, iters=0) -> (out float32[T, d],"
+           " counts int64[E]): one MoE layer on the device, arguments as kernels.moe_forward"
+           " ((ggml_type, array, rows, cols) weight tuples).");
+  cuda.def(
+      "moe_workspace_bytes",
+      [](int64_t n_tokens, int64_t d, int64_t d_ff, int64_t d_ff_shared, int64_t n_experts,
+         int64_t top_k) {
+        return lme::cuda_moe_workspace_bytes(n_tokens, d, d_ff, d_ff_shared, n_experts, top_k);
+      },
+      py::arg("n_tokens"), py::arg("d"), py::arg("d_ff"), py::arg("d_ff_shared"),
+      py::arg("n_experts"), py::arg("top_k"),
+      "Device scratch bytes cuda_moe_forward needs for up to n_tokens rows; -1 if invalid.");
   cuda.def("memcpy_ms", &memcpy_ms, py::arg("n_bytes"), py::arg("iters"),
            "Milliseconds per device-to-device copy of n_bytes (reads and writes n_bytes each).");
 }

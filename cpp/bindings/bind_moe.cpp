@@ -90,58 +90,33 @@ class PyMoELayer {
              const py::object& shared_gate_inp, int32_t activation_bits, int n_threads) {
     if (activation_bits != 8 && activation_bits != 16) raise_error("InvalidRequestError", "activation_bits must be 8 or 16");
     if (n_threads < 1 || n_threads > 256) raise_error("InvalidRequestError", "n_threads must be in [1, 256]");
-    lme::MoEConfig& c = c_;
-    c.n_experts = static_cast<int32_t>(py::len(gate));
-    c.top_k = top_k;
-    c.scoring = scoring_from(scoring);
-    c.norm_topk_prob = norm_topk_prob;
-    c.n_group = n_group;
-    c.topk_group = topk_group;
-    c.routed_scaling_factor = routed_scaling_factor;
-    lme::MoELayerWeights& w = w_;
-    w.router = weight_from_tuple(router, "router", keep_);
-    for (size_t e = 0; e < py::len(gate); ++e) w.gate.push_back(weight_from_tuple(gate[e], "gate." + std::to_string(e), keep_));
-    for (size_t e = 0; e < py::len(up); ++e) w.up.push_back(weight_from_tuple(up[e], "up." + std::to_string(e), keep_));
-    for (size_t e = 0; e < py::len(down); ++e) w.down.push_back(weight_from_tuple(down[e], "down." + std::to_string(e), keep_));
-    if (!w.gate.empty()) c.d_ff_expert = static_cast<int32_t>(w.gate[0].rows);
-    if (!score_bias.is_none()) w.score_bias = f32_vector(score_bias, "score_bias", keep_);
-    if (!shared.is_none()) {
-      py::sequence s = shared.cast<py::sequence>();
-      if (py::len(s) != 3) raise_error("InvalidRequestError", "shared must be (gate, up, down)");
-      w.shared_gate = weight_from_tuple(s[0], "shared.gate", keep_);
-      w.shared_up = weight_from_tuple(s[1], "shared.up", keep_);
-      w.shared_down = weight_from_tuple(s[2], "shared.down", keep_);
-      c.d_ff_shared = static_cast<int32_t>(w.shared_gate.rows);
-    }
-    if (!shared_gate_inp.is_none()) {
-      w.shared_gate_inp = f32_vector(shared_gate_inp, "shared_gate_inp", keep_);
-      c.shared_gate = true;
-    }
-    d_ = w.router.cols;
-    raise_if_error(lme::validate_moe_layer(c, d_, w, ""));
+    moe_layer_from_python(router, gate, up, down, top_k, scoring, norm_topk_prob, n_group, topk_group,
+                          routed_scaling_factor, score_bias, shared, shared_gate_inp, layer_);
     two_level_ = activation_bits == 16;
     pool_ = std::make_unique<lme::ThreadPool>(n_threads);
   }
 
   py::tuple forward(const py::array& x_in) {
     auto x = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(x_in);
-    if (!x || x.ndim() != 2 || x.shape(0) < 1 || x.shape(1) != d_) {
-      raise_error("InvalidRequestError", "x must be float32 [T >= 1, d = " + std::to_string(d_) + "]");
+    const int64_t d = layer_.d_model;
+    if (!x || x.ndim() != 2 || x.shape(0) < 1 || x.shape(1) != d) {
+      raise_error("InvalidRequestError", "x must be float32 [T >= 1, d = " + std::to_string(d) + "]");
     }
-    const int64_t T = x.shape(0), d = d_;
+    const int64_t T = x.shape(0);
+    const lme::MoEConfig& c = layer_.config;
     py::array_t<float> out({T, d});
-    py::array_t<int64_t> counts(c_.n_experts);
+    py::array_t<int64_t> counts(c.n_experts);
     const float* xp = x.data();
     float* op = out.mutable_data();
     int64_t* cp = counts.mutable_data();
     {
       py::gil_scoped_release release;
       std::lock_guard<std::mutex> lock(mutex_);
-      dispatch_.reserve(c_, d, {&w_}, T, pool_->size(), 1);
+      dispatch_.reserve(c, d, {&layer_.weights}, T, pool_->size(), 1);
       pool_->run(
           [&](int tid, int nth) {
             lme::ParallelContext pc(*pool_, tid, nth);
-            dispatch_.forward(pc, c_, w_, xp, T, d, two_level_, two_level_, op, cp, 0);
+            dispatch_.forward(pc, c, layer_.weights, xp, T, d, two_level_, two_level_, op, cp, 0);
           },
           lme::MoEDispatch::kOpsPerLayer + 1);
     }
@@ -149,10 +124,7 @@ class PyMoELayer {
   }
 
  private:
-  lme::MoEConfig c_;
-  lme::MoELayerWeights w_;
-  py::list keep_;  // the arrays whose memory the weights view
-  int64_t d_ = 0;
+  MoELayerArgs layer_;
   bool two_level_ = true;
   std::unique_ptr<lme::ThreadPool> pool_;
   lme::MoEDispatch dispatch_;
@@ -160,6 +132,43 @@ class PyMoELayer {
 };
 
 }  // namespace
+
+void moe_layer_from_python(const py::handle& router, const py::sequence& gate, const py::sequence& up,
+                           const py::sequence& down, int32_t top_k, const std::string& scoring, bool norm_topk_prob,
+                           int32_t n_group, int32_t topk_group, float routed_scaling_factor,
+                           const py::object& score_bias, const py::object& shared, const py::object& shared_gate_inp,
+                           MoELayerArgs& out) {
+  lme::MoEConfig& c = out.config;
+  c.n_experts = static_cast<int32_t>(py::len(gate));
+  c.top_k = top_k;
+  c.scoring = scoring_from(scoring);
+  c.norm_topk_prob = norm_topk_prob;
+  c.n_group = n_group;
+  c.topk_group = topk_group;
+  c.routed_scaling_factor = routed_scaling_factor;
+  lme::MoELayerWeights& w = out.weights;
+  py::list& keep = out.keep;
+  w.router = weight_from_tuple(router, "router", keep);
+  for (size_t e = 0; e < py::len(gate); ++e) w.gate.push_back(weight_from_tuple(gate[e], "gate." + std::to_string(e), keep));
+  for (size_t e = 0; e < py::len(up); ++e) w.up.push_back(weight_from_tuple(up[e], "up." + std::to_string(e), keep));
+  for (size_t e = 0; e < py::len(down); ++e) w.down.push_back(weight_from_tuple(down[e], "down." + std::to_string(e), keep));
+  if (!w.gate.empty()) c.d_ff_expert = static_cast<int32_t>(w.gate[0].rows);
+  if (!score_bias.is_none()) w.score_bias = f32_vector(score_bias, "score_bias", keep);
+  if (!shared.is_none()) {
+    py::sequence s = shared.cast<py::sequence>();
+    if (py::len(s) != 3) raise_error("InvalidRequestError", "shared must be (gate, up, down)");
+    w.shared_gate = weight_from_tuple(s[0], "shared.gate", keep);
+    w.shared_up = weight_from_tuple(s[1], "shared.up", keep);
+    w.shared_down = weight_from_tuple(s[2], "shared.down", keep);
+    c.d_ff_shared = static_cast<int32_t>(w.shared_gate.rows);
+  }
+  if (!shared_gate_inp.is_none()) {
+    w.shared_gate_inp = f32_vector(shared_gate_inp, "shared_gate_inp", keep);
+    c.shared_gate = true;
+  }
+  out.d_model = w.router.cols;
+  raise_if_error(lme::validate_moe_layer(c, out.d_model, w, ""));
+}
 
 void moe_config_from_dict(const py::dict& cfg, lme::ModelConfig& c) {
   const std::string qk = field_or<std::string>(cfg, "qk_norm", "");

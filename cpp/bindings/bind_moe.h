@@ -4,10 +4,12 @@
 
 #include <pybind11/pybind11.h>
 
+#include <cstdint>
 #include <functional>
 #include <string>
 
 #include "lmengine/model.h"
+#include "lmengine/moe_dispatch.h"
 
 namespace lme_py {
 
@@ -18,5 +20,21 @@ void moe_config_from_dict(const pybind11::dict& cfg, lme::ModelConfig& c);
 // Engine binding's tensor lookup: get(name, required).
 void moe_layer_weights(const std::function<lme::WeightTensor(const std::string&, bool)>& get,
                        const lme::ModelConfig& c, int32_t l, lme::LayerWeights& L);
+
+// One MoE layer given as the arguments of kernels.moe_forward (and cuda.moe_forward): weight
+// views into the arrays, which `keep` holds alive, checked by validate_moe_layer (typed errors).
+struct MoELayerArgs {
+  lme::MoEConfig config;
+  lme::MoELayerWeights weights;
+  int64_t d_model = 0;
+  pybind11::list keep;
+};
+
+void moe_layer_from_python(const pybind11::handle& router, const pybind11::sequence& gate,
+                           const pybind11::sequence& up, const pybind11::sequence& down,
+                           int32_t top_k, const std::string& scoring, bool norm_topk_prob,
+                           int32_t n_group, int32_t topk_group, float routed_scaling_factor,
+                           const pybind11::object& score_bias, const pybind11::object& shared,
+                           const pybind11::object& shared_gate_inp, MoELayerArgs& out);
 
 }  // namespace lme_py
