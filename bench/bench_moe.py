@@ -156,8 +156,17 @@ def run_shape(
         gu16 = gu_bf16.view(torch.int16).numpy()
         dn16 = down_bf16.view(torch.int16).numpy()
         gate, up, dn = engine_weights(kind, gate_up, down, gu16, dn16, ff)
+        # The engine's defaults: wide activations, and fp32 activations for a sequence's chunk
+        # of >= 8 tokens (each tokens count here is one sequence's chunk).
         engines[kind] = _core.kernels.MoELayer(
-            router_w, gate, up, dn, k, norm_topk_prob=shape["norm"], n_threads=threads
+            router_w,
+            gate,
+            up,
+            dn,
+            k,
+            norm_topk_prob=shape["norm"],
+            n_threads=threads,
+            fp32_prompt_min_tokens=8,
         )
 
     # Validate at 8 tokens against HF fp32 (eager) before timing anything.

@@ -26,7 +26,7 @@ from lmengine.errors import InvalidRequestError, ModelFileError, UnsupportedMode
 # the same (dequantized) weights, so only activation rounding and fp32 summation remain:
 #   F32/F16 weights: fp32 activations, fp32 sums over <= 160 terms through two products;
 #     observed ~2e-7.
-#   quantized weights, activation_bits=16: value + residual 8-bit rows (~2^-15 relative per
+#   quantized weights, activation_bits=16: 16-bit activation blocks (~2^-16 relative per
 #     element); observed ~5e-5. 8 bits: one 8-bit row per product (amax/254 per element);
 #     observed ~1.4e-2.
 # Routing is compared exactly (expert histogram) since the router stays F32: its logits differ
@@ -290,6 +290,23 @@ def test_8bit_activations_stay_close():
     out, counts, ref, ref_counts = run_both(layer, x, 2, activation_bits=8)
     np.testing.assert_array_equal(counts, ref_counts)
     assert rel_err(out, ref) <= TOL_8BIT
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "F16"])
+def test_prompt_chunk_rows_take_fp32_activations(kind):
+    """With fp32_prompt_min_tokens=8 (the engine's default prompt-chunk rule) a chunk of >= 8
+    rows skips activation quantization in every product (router, experts, shared expert): even
+    with activation_bits=8 the error is fp32 summation only. A chunk of fewer rows keeps the
+    8-bit rows, which the second check sees (so the flag really switches the path)."""
+    rng = np.random.default_rng(21)
+    layer = make_layer(rng, 8, 96, 64, kind, shared_ff=32)
+    x = rng.standard_normal((17, 96)).astype(np.float32)
+    out, counts, ref, ref_counts = run_both(layer, x, 2, activation_bits=8, fp32_prompt_min_tokens=8)
+    np.testing.assert_array_equal(counts, ref_counts)
+    assert rel_err(out, ref) <= 2e-6
+    if kind != "F16":  # float weights always take fp32 activations
+        out, _, ref, _ = run_both(layer, x[:5], 2, activation_bits=8, fp32_prompt_min_tokens=8)
+        assert rel_err(out, ref) > 1e-4
 
 
 def test_result_does_not_depend_on_threads_or_batch():

@@ -87,8 +87,11 @@ class PyMoELayer {
   PyMoELayer(const py::handle& router, const py::sequence& gate, const py::sequence& up, const py::sequence& down,
              int32_t top_k, const std::string& scoring, bool norm_topk_prob, int32_t n_group, int32_t topk_group,
              float routed_scaling_factor, const py::object& score_bias, const py::object& shared,
-             const py::object& shared_gate_inp, int32_t activation_bits, int n_threads) {
+             const py::object& shared_gate_inp, int32_t activation_bits, int n_threads,
+             int64_t fp32_prompt_min_tokens) {
     if (activation_bits != 8 && activation_bits != 16) raise_error("InvalidRequestError", "activation_bits must be 8 or 16");
+    if (fp32_prompt_min_tokens < 0) raise_error("InvalidRequestError", "fp32_prompt_min_tokens must be >= 0");
+    fp32_min_ = fp32_prompt_min_tokens;
     if (n_threads < 1 || n_threads > 256) raise_error("InvalidRequestError", "n_threads must be in [1, 256]");
     moe_layer_from_python(router, gate, up, down, top_k, scoring, norm_topk_prob, n_group, topk_group,
                           routed_scaling_factor, score_bias, shared, shared_gate_inp, layer_);
@@ -113,10 +116,12 @@ class PyMoELayer {
       py::gil_scoped_release release;
       std::lock_guard<std::mutex> lock(mutex_);
       dispatch_.reserve(c, d, {&layer_.weights}, T, pool_->size(), 1);
+      // The T rows as one sequence's chunk: the engine's prompt-chunk rule picks their path.
+      f32_tok_.assign(static_cast<size_t>(T), fp32_min_ > 0 && T >= fp32_min_ ? 1 : 0);
       pool_->run(
           [&](int tid, int nth) {
             lme::ParallelContext pc(*pool_, tid, nth);
-            dispatch_.forward(pc, c, layer_.weights, xp, T, d, two_level_, two_level_, op, cp, 0);
+            dispatch_.forward(pc, c, layer_.weights, xp, T, d, two_level_, two_level_, op, cp, 0, f32_tok_.data());
           },
           lme::MoEDispatch::kOpsPerLayer + 1);
     }
@@ -126,6 +131,8 @@ class PyMoELayer {
  private:
   MoELayerArgs layer_;
   bool two_level_ = true;
+  int64_t fp32_min_ = 0;
+  std::vector<uint8_t> f32_tok_;
   std::unique_ptr<lme::ThreadPool> pool_;
   lme::MoEDispatch dispatch_;
   std::mutex mutex_;
@@ -233,17 +240,18 @@ void bind_moe(py::module_& m) {
       "Weights are (ggml_type, array, rows, cols) tuples as Engine takes them: router [E, d], gate/up "
       "lists of E [ff, d], down a list of E [d, ff]; shared = (gate, up, down) of the shared expert, "
       "shared_gate_inp float32[d] scales it by sigmoid(w . x); score_bias float32[E] is added to "
-      "sigmoid scores for the choice only. forward(x: float32[T, d]) -> (out float32[T, d], counts "
-      "int64[E]).";
+      "sigmoid scores for the choice only. fp32_prompt_min_tokens > 0: when T reaches it, the T rows "
+      "are multiplied with fp32 activations (the engine's prompt-chunk path; 0: never). "
+      "forward(x: float32[T, d]) -> (out float32[T, d], counts int64[E]).";
   py::class_<lme_py::PyMoELayer>(k, "MoELayer", doc)
       .def(py::init<const py::handle&, const py::sequence&, const py::sequence&, const py::sequence&, int32_t,
                     const std::string&, bool, int32_t, int32_t, float, const py::object&, const py::object&,
-                    const py::object&, int32_t, int>(),
+                    const py::object&, int32_t, int, int64_t>(),
            py::arg("router"), py::arg("gate"), py::arg("up"), py::arg("down"), py::arg("top_k"),
            py::arg("scoring") = "softmax", py::arg("norm_topk_prob") = false, py::arg("n_group") = 1,
            py::arg("topk_group") = 1, py::arg("routed_scaling_factor") = 1.0f, py::arg("score_bias") = py::none(),
            py::arg("shared") = py::none(), py::arg("shared_gate_inp") = py::none(),
-           py::arg("activation_bits") = 16, py::arg("n_threads") = 2)
+           py::arg("activation_bits") = 16, py::arg("n_threads") = 2, py::arg("fp32_prompt_min_tokens") = 0)
       .def("forward", &lme_py::PyMoELayer::forward, py::arg("x"));
   static const std::string fdoc =
       std::string("moe_forward(x, router, gate, up, down, top_k, ...): one forward() of a fresh MoELayer. ") + doc;
@@ -252,17 +260,18 @@ void bind_moe(py::module_& m) {
       [](const py::array& x, const py::handle& router, const py::sequence& gate, const py::sequence& up,
          const py::sequence& down, int32_t top_k, const std::string& scoring, bool norm_topk_prob, int32_t n_group,
          int32_t topk_group, float routed_scaling_factor, const py::object& score_bias, const py::object& shared,
-         const py::object& shared_gate_inp, int32_t activation_bits, int n_threads) {
+         const py::object& shared_gate_inp, int32_t activation_bits, int n_threads,
+         int64_t fp32_prompt_min_tokens) {
         auto xa = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(x);
         if (!xa || xa.ndim() != 2) lme_py::raise_error("InvalidRequestError", "x must be float32 [T >= 1, d]");
         lme_py::PyMoELayer layer(router, gate, up, down, top_k, scoring, norm_topk_prob, n_group, topk_group,
                                  routed_scaling_factor, score_bias, shared, shared_gate_inp, activation_bits,
-                                 n_threads);
+                                 n_threads, fp32_prompt_min_tokens);
         return layer.forward(xa);
       },
       py::arg("x"), py::arg("router"), py::arg("gate"), py::arg("up"), py::arg("down"), py::arg("top_k"),
       py::arg("scoring") = "softmax", py::arg("norm_topk_prob") = false, py::arg("n_group") = 1,
       py::arg("topk_group") = 1, py::arg("routed_scaling_factor") = 1.0f, py::arg("score_bias") = py::none(),
       py::arg("shared") = py::none(), py::arg("shared_gate_inp") = py::none(), py::arg("activation_bits") = 16,
-      py::arg("n_threads") = 2, fdoc.c_str());
+      py::arg("n_threads") = 2, py::arg("fp32_prompt_min_tokens") = 0, fdoc.c_str());
 }

@@ -696,7 +696,7 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
       norm_and_prepare(L.ffn_norm, S.proj.data(), c.post_norms ? &L.post_attn_norm : nullptr, nullptr, 0, d);
       pc.set_kind(kOpMatmulFFN);
       S.moe.forward(pc, c.moe, L.moe, S.xn.data(), T, d, two_mask & kTwoLevelGateUp, two_mask & kTwoLevelDown,
-                    S.proj.data(), &moe_stats_.last[size_t(l) * c.moe.n_experts], l);
+                    S.proj.data(), &moe_stats_.last[size_t(l) * c.moe.n_experts], l, f32_now);
       continue;
     }
     // MLP block: x += Wdown · (silu(Wgate xn) * Wup xn)

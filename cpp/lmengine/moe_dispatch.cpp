@@ -63,6 +63,32 @@ void product_rows(const WeightTensor& w, int64_t r0, int64_t nr, const uint8_t* 
   matmul_rows_wide(w.type, w.cols, w.data + r0 * rb, rb, nr, x, 2 * xs, n_tok, y + r0, ldy, tmp);
 }
 
+// Rows to multiply: converted activation rows (x, xs bytes apart per row kind) and, for the rows
+// whose flag is set (prompt-chunk tokens, see MoEDispatch::forward), their fp32 rows instead.
+struct ProductRows {
+  const uint8_t* x;
+  int64_t xs;
+  bool two;
+  const float* const* f32_rows;  // [n] (may be null when no flag is set)
+  const uint8_t* f32;            // [n] flags, or null: none
+};
+
+// As product_rows, runs of consecutive rows on the same path taken together.
+void product_rows_mixed(const WeightTensor& w, int64_t r0, int64_t nr, const ProductRows& in, int64_t n_tok,
+                        float* y, int64_t ldy, float* tmp) {
+  if (in.f32 == nullptr) return product_rows(w, r0, nr, in.x, in.xs, n_tok, in.two, y, ldy, tmp);
+  const int64_t rb = dtype_row_bytes(w.type, w.cols);
+  const int64_t step = two_level_for(in.two, w.type) ? 2 * in.xs : in.xs;
+  for (int64_t t0 = 0, t1; t0 < n_tok; t0 = t1) {
+    for (t1 = t0 + 1; t1 < n_tok && in.f32[t1] == in.f32[t0];) ++t1;
+    if (in.f32[t0]) {
+      matmul_rows_f32(w.type, w.cols, w.data + r0 * rb, rb, nr, in.f32_rows + t0, t1 - t0, y + t0 * ldy + r0, ldy);
+    } else {
+      product_rows(w, r0, nr, in.x + t0 * step, in.xs, t1 - t0, in.two, y + t0 * ldy, ldy, tmp);
+    }
+  }
+}
+
 // Chooses token t's experts from its router logits. tmp: 2E floats. Ties go to the lower index.
 void route_token(const MoEConfig& c, const float* logits, const float* bias, float* tmp, int32_t* sel,
                  float* weight) {
@@ -268,6 +294,11 @@ void MoEDispatch::reserve(const MoEConfig& c, int64_t d, const std::vector<const
   offsets_.assign(E + 1, 0);
   active_.assign(E, 0);
   chunk_start_.assign(2 * (E + 2), 0);
+  tok_rows_.assign(T, nullptr);
+  shared_mid_rows_.assign(T, nullptr);
+  pair_rows_.assign(P, nullptr);
+  mid_rows_.assign(P, nullptr);
+  pair_f32_.assign(P, 0);
   h_gate_.assign(P * ff, 0.f);
   h_up_.assign(P * ff, 0.f);
   y_.assign(P * d, 0.f);
@@ -287,7 +318,7 @@ void MoEDispatch::reserve(const MoEConfig& c, int64_t d, const std::vector<const
 
 void MoEDispatch::forward(ParallelContext& pc, const MoEConfig& c, const MoELayerWeights& w, const float* x,
                           int64_t T, int64_t d, bool two_gu, bool two_down, float* out, int64_t* counts,
-                          int64_t slot) {
+                          int64_t slot, const uint8_t* f32_tok) {
   const int64_t E = c.n_experts, k = c.top_k, ff = c.d_ff_expert, ffs = c.d_ff_shared;
   const int64_t xs = slot_bytes_;
   const int tid = pc.tid();
@@ -298,15 +329,22 @@ void MoEDispatch::forward(ParallelContext& pc, const MoEConfig& c, const MoELaye
   // Bytes between consecutive tokens' activation rows of a given type.
   auto row_step = [&](DType ty, bool two) { return two_level_for(two, ty) ? 2 * xs : xs; };
 
-  // 1. Activation rows of every token: for the router, the experts' gate/up and the shared expert.
+  // 1. Activation rows of every token: for the router, the experts' gate/up and the shared expert
+  // (fp32-path tokens keep x itself).
   pc.for_chunks(T, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const float* xr = x + t * d;
+      tok_rows_[t] = xr;
+      shared_mid_rows_[t] = shared ? &s_gate_[t * ffs] : nullptr;
+      if (f32_tok && f32_tok[t]) continue;
       prepare_row(t_router, xr, act_router_.data(), t, d, xs, two_gu, row_tmp);
       prepare_row(t_gu, xr, act_tok_.data(), t, d, xs, two_gu, row_tmp);
       if (shared) prepare_row(w.shared_gate.type, xr, act_shared_.data(), t, d, xs, two_gu, row_tmp);
     }
   });
+  const ProductRows router_in{act_router_.data(), xs, two_gu, tok_rows_.data(), f32_tok};
+  const ProductRows shared_in{act_shared_.data(), xs, two_gu, tok_rows_.data(), f32_tok};
+  const ProductRows shared_mid_in{act_shared_mid_.data(), xs, two_down, shared_mid_rows_.data(), f32_tok};
 
   // 2. Router logits [T, E] and the shared expert's gate/up [T, ffs], one op.
   {
@@ -315,15 +353,14 @@ void MoEDispatch::forward(ParallelContext& pc, const MoEConfig& c, const MoELaye
     pc.for_chunks(n_router + 2 * n_shared, 1, [&](int64_t ci, int64_t) {
       if (ci < n_router) {
         const int64_t r0 = ci * rpc;
-        product_rows(w.router, r0, std::min(rpc, E - r0), act_router_.data(), xs, T, two_gu, logits_.data(), E,
-                     mm_tmp);
+        product_rows_mixed(w.router, r0, std::min(rpc, E - r0), router_in, T, logits_.data(), E, mm_tmp);
         return;
       }
       ci -= n_router;
       const bool is_up = ci >= n_shared;
       const int64_t r0 = (is_up ? ci - n_shared : ci) * rpc;
-      product_rows(is_up ? w.shared_up : w.shared_gate, r0, std::min(rpc, ffs - r0), act_shared_.data(), xs, T,
-                   two_gu, is_up ? s_up_.data() : s_gate_.data(), ffs, mm_tmp);
+      product_rows_mixed(is_up ? w.shared_up : w.shared_gate, r0, std::min(rpc, ffs - r0), shared_in, T,
+                         is_up ? s_up_.data() : s_gate_.data(), ffs, mm_tmp);
     });
   }
 
@@ -336,7 +373,7 @@ void MoEDispatch::forward(ParallelContext& pc, const MoEConfig& c, const MoELaye
       if (shared) {
         float* g = &s_gate_[t * ffs];
         silu_mul_row(g, &s_up_[t * ffs], ffs);
-        prepare_row(w.shared_down.type, g, act_shared_mid_.data(), t, ffs, xs, two_down, row_tmp);
+        if (!(f32_tok && f32_tok[t])) prepare_row(w.shared_down.type, g, act_shared_mid_.data(), t, ffs, xs, two_down, row_tmp);
         s_scale_[t] = c.shared_gate ? 1.f / (1.f + std::exp(-dot_f32(w.shared_gate_inp.f32(), x + t * d, d))) : 1.f;
       }
     }
@@ -388,15 +425,22 @@ void MoEDispatch::forward(ParallelContext& pc, const MoEConfig& c, const MoELaye
   n_chunks_down = op_sizes_[3 * slot + 2];
   const int64_t P = T * k;
 
-  // 5. Gather each pair's activation rows (its token's, converted once in step 1).
+  // 5. Gather each pair's activation rows (its token's, converted once in step 1; fp32-path pairs
+  // point at their token's row and at their own silu(gate)*up row instead).
   {
     const int64_t step = row_step(t_gu, two_gu);
     pc.for_chunks(P, 8, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
-        std::memcpy(&act_pairs_[p * step], &act_tok_[int64_t(pair_token_[p]) * step], static_cast<size_t>(step));
+        const int64_t t = pair_token_[p];
+        pair_rows_[p] = x + t * d;
+        mid_rows_[p] = &h_gate_[p * ff];
+        pair_f32_[p] = f32_tok ? f32_tok[t] : 0;
+        if (pair_f32_[p]) continue;
+        std::memcpy(&act_pairs_[p * step], &act_tok_[t * step], static_cast<size_t>(step));
       }
     });
   }
+  const uint8_t* pair_f32 = f32_tok ? pair_f32_.data() : nullptr;
 
   // Maps a chunk index to (active expert slot, chunk within it) by binary search on the starts.
   auto locate = [&](const int64_t* starts, int64_t ci) {
@@ -408,8 +452,7 @@ void MoEDispatch::forward(ParallelContext& pc, const MoEConfig& c, const MoELaye
     if (ci >= gu_start[n_active]) {
       const int64_t rpc = rows_per_chunk(T);
       const int64_t r0 = (ci - gu_start[n_active]) * rpc;
-      product_rows(w.shared_down, r0, std::min(rpc, d - r0), act_shared_mid_.data(), xs, T, two_down, s_out_.data(),
-                   d, mm_tmp);
+      product_rows_mixed(w.shared_down, r0, std::min(rpc, d - r0), shared_mid_in, T, s_out_.data(), d, mm_tmp);
       return;
     }
     const int64_t a = locate(gu_start, ci);
@@ -420,9 +463,10 @@ void MoEDispatch::forward(ParallelContext& pc, const MoEConfig& c, const MoELaye
     const bool is_up = j >= per;
     if (is_up) j -= per;
     const int64_t r0 = j * rpc;
-    const uint8_t* xa = &act_pairs_[p0 * row_step(t_gu, two_gu)];
-    product_rows(is_up ? w.up[e] : w.gate[e], r0, std::min(rpc, ff - r0), xa, xs, n, two_gu,
-                 (is_up ? h_up_.data() : h_gate_.data()) + p0 * ff, ff, mm_tmp);
+    const ProductRows in{&act_pairs_[p0 * row_step(t_gu, two_gu)], xs, two_gu, pair_rows_.data() + p0,
+                         pair_f32 ? pair_f32 + p0 : nullptr};
+    product_rows_mixed(is_up ? w.up[e] : w.gate[e], r0, std::min(rpc, ff - r0), in, n,
+                       (is_up ? h_up_.data() : h_gate_.data()) + p0 * ff, ff, mm_tmp);
   });
 
   // 7. silu(gate) * up per pair, converted for the down products.
@@ -430,7 +474,7 @@ void MoEDispatch::forward(ParallelContext& pc, const MoEConfig& c, const MoELaye
     for (int64_t p = p0; p < p1; ++p) {
       float* g = &h_gate_[p * ff];
       silu_mul_row(g, &h_up_[p * ff], ff);
-      prepare_row(t_down, g, act_mid_.data(), p, ff, xs, two_down, row_tmp);
+      if (!(pair_f32 && pair_f32[p])) prepare_row(t_down, g, act_mid_.data(), p, ff, xs, two_down, row_tmp);
     }
   });
 
@@ -440,8 +484,9 @@ void MoEDispatch::forward(ParallelContext& pc, const MoEConfig& c, const MoELaye
     const int32_t e = active_[a];
     const int64_t p0 = offsets_[e], n = offsets_[e + 1] - p0, rpc = rows_per_chunk(n);
     const int64_t r0 = (ci - down_start[a]) * rpc;
-    const uint8_t* xa = &act_mid_[p0 * row_step(t_down, two_down)];
-    product_rows(w.down[e], r0, std::min(rpc, d - r0), xa, xs, n, two_down, y_.data() + p0 * d, d, mm_tmp);
+    const ProductRows in{&act_mid_[p0 * row_step(t_down, two_down)], xs, two_down, mid_rows_.data() + p0,
+                         pair_f32 ? pair_f32 + p0 : nullptr};
+    product_rows_mixed(w.down[e], r0, std::min(rpc, d - r0), in, n, y_.data() + p0 * d, d, mm_tmp);
   });
 
   // 9. Scatter-add back per token, slots in order (the same sum whatever the thread timing).

@@ -86,10 +86,12 @@ class MoEDispatch {
   // int64 written with the tokens each expert received. two_level_*: activation rows of
   // quantized products carry an 8-bit residual row too (ModelConfig::activation_bits == 16).
   // Uses 9 for_chunks ops. slot (< n_slots): a value distinct for each call within one
-  // ThreadPool::run (the layer index), see op_sizes_.
+  // ThreadPool::run (the layer index), see op_sizes_. f32_tok (optional, [T]): tokens whose
+  // products take fp32 activations (matmul_rows_f32), the engine's prompt-chunk tokens; a token's
+  // path never depends on the other tokens routed to its experts.
   void forward(ParallelContext& pc, const MoEConfig& c, const MoELayerWeights& w, const float* x,
                int64_t T, int64_t d, bool two_level_gate_up, bool two_level_down, float* out,
-               int64_t* counts, int64_t slot);
+               int64_t* counts, int64_t slot, const uint8_t* f32_tok = nullptr);
 
   static constexpr int kOpsPerLayer = 9;
 
@@ -110,6 +112,9 @@ class MoEDispatch {
   std::vector<int32_t> active_;                      // experts with >= 1 pair
   std::vector<int64_t> chunk_start_;                 // [active + 1] first chunk of each
   std::vector<float> h_gate_, h_up_, y_;             // [P][ff], [P][ff], [P][d]
+  // fp32-path rows: tokens' inputs and shared silu rows [T]; pairs' inputs and silu rows [P].
+  std::vector<const float*> tok_rows_, shared_mid_rows_, pair_rows_, mid_rows_;
+  std::vector<uint8_t> pair_f32_;                    // [P] the pair's token flag
   std::vector<float> s_gate_, s_up_, s_out_, s_scale_;  // shared expert: [T][ffs] x2, [T][d], [T]
   std::vector<float> route_tmp_;                     // [thread][2E]
   std::vector<float> row_tmp_, mm_tmp_;              // [thread][...]
