@@ -294,18 +294,19 @@ def test_8bit_activations_stay_close():
 
 @pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "F16"])
 def test_prompt_chunk_rows_take_fp32_activations(kind):
-    """With fp32_prompt_min_tokens=8 (the engine's default prompt-chunk rule) a chunk of >= 8
-    rows skips activation quantization in every product (router, experts, shared expert): even
-    with activation_bits=8 the error is fp32 summation only. A chunk of fewer rows keeps the
-    8-bit rows, which the second check sees (so the flag really switches the path)."""
+    """With fp32_prompt_min_tokens=8 (the engine's default prompt-chunk rule) an MoE chunk of
+    >= 8 * E / k rows (here 8 * 8 / 2 = 32: ~8 rows per expert) skips activation quantization in
+    every product (router, experts, shared expert): even with activation_bits=8 the error is fp32
+    summation only. A shorter chunk (31 rows) keeps the 8-bit rows, which the second check sees
+    (so the rule really switches the path, at the documented length)."""
     rng = np.random.default_rng(21)
     layer = make_layer(rng, 8, 96, 64, kind, shared_ff=32)
-    x = rng.standard_normal((17, 96)).astype(np.float32)
+    x = rng.standard_normal((32, 96)).astype(np.float32)
     out, counts, ref, ref_counts = run_both(layer, x, 2, activation_bits=8, fp32_prompt_min_tokens=8)
     np.testing.assert_array_equal(counts, ref_counts)
     assert rel_err(out, ref) <= 2e-6
     if kind != "F16":  # float weights always take fp32 activations
-        out, _, ref, _ = run_both(layer, x[:5], 2, activation_bits=8, fp32_prompt_min_tokens=8)
+        out, _, ref, _ = run_both(layer, x[:31], 2, activation_bits=8, fp32_prompt_min_tokens=8)
         assert rel_err(out, ref) > 1e-4
 
 

@@ -117,7 +117,8 @@ class PyMoELayer {
       std::lock_guard<std::mutex> lock(mutex_);
       dispatch_.reserve(c, d, {&layer_.weights}, T, pool_->size(), 1);
       // The T rows as one sequence's chunk: the engine's prompt-chunk rule picks their path.
-      f32_tok_.assign(static_cast<size_t>(T), fp32_min_ > 0 && T >= fp32_min_ ? 1 : 0);
+      const int64_t moe_min = lme::moe_f32_min_tokens(c, fp32_min_);
+      f32_tok_.assign(static_cast<size_t>(T), moe_min > 0 && T >= moe_min ? 1 : 0);
       pool_->run(
           [&](int tid, int nth) {
             lme::ParallelContext pc(*pool_, tid, nth);
@@ -240,8 +241,9 @@ void bind_moe(py::module_& m) {
       "Weights are (ggml_type, array, rows, cols) tuples as Engine takes them: router [E, d], gate/up "
       "lists of E [ff, d], down a list of E [d, ff]; shared = (gate, up, down) of the shared expert, "
       "shared_gate_inp float32[d] scales it by sigmoid(w . x); score_bias float32[E] is added to "
-      "sigmoid scores for the choice only. fp32_prompt_min_tokens > 0: when T reaches it, the T rows "
-      "are multiplied with fp32 activations (the engine's prompt-chunk path; 0: never). "
+      "sigmoid scores for the choice only. fp32_prompt_min_tokens > 0: the engine's prompt-chunk rule "
+      "for dense layers; the T rows (one sequence's chunk) are multiplied with fp32 activations when "
+      "T >= fp32_prompt_min_tokens * max(1, E // top_k), as the engine's MoE layers do (0: never). "
       "forward(x: float32[T, d]) -> (out float32[T, d], counts int64[E]).";
   py::class_<lme_py::PyMoELayer>(k, "MoELayer", doc)
       .def(py::init<const py::handle&, const py::sequence&, const py::sequence&, const py::sequence&, int32_t,

@@ -171,6 +171,7 @@ struct Engine::Scratch {
   // activations (ModelConfig::f32_prompt_min_tokens); f32_rows[slot * cap_tokens + t] is the fp32
   // row prepare() left for activation slot `slot` instead of converting it.
   std::vector<uint8_t> tok_f32, out_f32;
+  std::vector<uint8_t> tok_f32_moe;  // the same for MoE layers' products (moe_f32_min_tokens)
   std::vector<const float*> f32_rows;
 };
 
@@ -264,6 +265,7 @@ void Engine::ensure_scratch(int64_t n_tokens, int64_t n_out, int64_t max_ctx) {
       S.moe.reserve(c.moe, c.d_model, moe_layers, T, pool_.size(), c.n_layers);
     }
     S.tok_f32.assign(T, 0);
+    S.tok_f32_moe.assign(T, 0);
     S.f32_rows.assign(3 * T, nullptr);
   }
   if (n_out > S.cap_out) {
@@ -340,6 +342,7 @@ Status Engine::step(const std::vector<StepSequence>& batch, float* logits) {
   Scratch& S = *scratch_;
   int64_t t = 0, o = 0;
   const int32_t half = c.head_dim / 2;
+  const int64_t moe_min = c.moe.n_experts > 0 ? moe_f32_min_tokens(c.moe, c.f32_prompt_min_tokens) : 0;
   sparse_.begin_step(n_tokens);
   for (int32_t b = 0; b < static_cast<int32_t>(batch.size()); ++b) {
     const auto& s = batch[b];
@@ -367,6 +370,7 @@ Status Engine::step(const std::vector<StepSequence>& batch, float* logits) {
       // The path is chosen per sequence chunk, so a token's numerics never depend on its batch.
       const bool f32 = c.f32_prompt_min_tokens > 0 && s.n_tokens >= c.f32_prompt_min_tokens;
       S.tok_f32[t] = f32;
+      S.tok_f32_moe[t] = moe_min > 0 && s.n_tokens >= moe_min;
       if (s.all_logits || i == s.n_tokens - 1) {
         S.out_f32[o] = f32 && s.all_logits;  // a single logit row is cheaper through 8-bit rows
         S.out_tok[o++] = t;
@@ -696,7 +700,7 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
       norm_and_prepare(L.ffn_norm, S.proj.data(), c.post_norms ? &L.post_attn_norm : nullptr, nullptr, 0, d);
       pc.set_kind(kOpMatmulFFN);
       S.moe.forward(pc, c.moe, L.moe, S.xn.data(), T, d, two_mask & kTwoLevelGateUp, two_mask & kTwoLevelDown,
-                    S.proj.data(), &moe_stats_.last[size_t(l) * c.moe.n_experts], l, f32_now);
+                    S.proj.data(), &moe_stats_.last[size_t(l) * c.moe.n_experts], l, S.tok_f32_moe.data());
       continue;
     }
     // MLP block: x += Wdown · (silu(Wgate xn) * Wup xn)

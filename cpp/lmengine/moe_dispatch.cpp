@@ -39,6 +39,16 @@ Status check(const WeightTensor& t, const std::string& name, int64_t rows, int64
   return Status::Ok();
 }
 
+}  // namespace
+
+int64_t moe_f32_min_tokens(const MoEConfig& c, int64_t dense_min) {
+  if (dense_min <= 0) return 0;
+  const int64_t ratio = c.top_k > 0 ? std::max<int64_t>(1, c.n_experts / c.top_k) : 1;
+  return dense_min * ratio;
+}
+
+namespace {
+
 bool two_level_for(bool two, DType t) { return two && activation_is_quantized(t); }
 
 // Activation rows of token t for weight type ty, laid out as Engine::forward does: one row at

@@ -54,6 +54,12 @@ struct MoELayerWeights {
   bool present() const { return !gate.empty(); }
 };
 
+// Chunk length from which a sequence's tokens take fp32 activations in MoE layers: the dense
+// models' rule (dense_min, ModelConfig::f32_prompt_min_tokens) times E / k, so that each expert
+// expects about dense_min of the chunk's rows (the fp32 path dequantizes weight panels, which
+// only pays off over several rows); 0: never.
+int64_t moe_f32_min_tokens(const MoEConfig& c, int64_t dense_min);
+
 // Checks the layer's tensors against the config; messages name the tensor (prefix + name).
 Status validate_moe_config(const MoEConfig& c);
 Status validate_moe_layer(const MoEConfig& c, int64_t d_model, const MoELayerWeights& w,
