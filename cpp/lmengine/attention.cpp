@@ -60,9 +60,7 @@ void attention_paged_one(const float* q, int32_t group, float scale, KVCache& kv
   for (int64_t p0 = base; p0 <= pos; p0 += ps) {
     const int32_t page = pages[p0 / ps];
     const float* kt = kv_block_f32(kv.k_block(page, layer, head), dt, kbuf, ps * hd);
-    for (int32_t g = 0; g < group; ++g) {
-      page_scores(q + g * hd, kt, hd, ps, scratch.scores + g * scratch.scores_stride + (p0 - base));
-    }
+    page_scores(q, group, hd, kt, ps, scratch.scores + (p0 - base), scratch.scores_stride);
   }
   // Softmax over [first, last] per query head.
   for (int32_t g = 0; g < group; ++g) {

@@ -17,73 +17,11 @@ namespace {
 // `acc += a * b` into FMA where the target has it.
 using attention_vec::load8;
 using attention_vec::v8f;
-inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
+using attention_vec::store8;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// s[r][0 .. 8*NV) = sum_d q[r][d] * kt[d][0 .. 8*NV) for MR rows; kt is a transposed K page
-// (row stride 8*NV = page_size). MR x NV accumulators stay in registers over head_dim; each d
-// costs NV loads and MR broadcasts for MR * NV FMAs. 6 x 2 (12 of AVX2's 16 registers) measured
-// 1.4x faster than 4 x 2 at page_size 16.
-template <int MR, int NV>
-inline void scores_rows(const float* q, int64_t hd, const float* kt, float* s, int64_t lds) {
-  constexpr int ps = 8 * NV;
-  v8f acc[MR][NV] = {};
-  for (int64_t d = 0; d < hd; ++d) {
-    v8f k[NV];
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) k[v] = load8(kt + d * ps + 8 * v);
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      const float qv = q[r * hd + d];
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[r][v] += qv * k[v];
-    }
-  }
-  for (int r = 0; r < MR; ++r) {
-    for (int v = 0; v < NV; ++v) store8(s + r * lds + 8 * v, acc[r][v]);
-  }
-}
-
-template <int MR, int NV>
-void scores_all(const float* q, int32_t rows, int64_t hd, const float* kt, float* s, int64_t lds) {
-  int32_t r = 0;
-  for (; r + MR <= rows; r += MR) scores_rows<MR, NV>(q + r * hd, hd, kt, s + r * lds, lds);
-  if (MR > 2 && r + 2 <= rows) {  // GQA groups of 4: 16 x 4 rows leave 4 after blocks of 6
-    scores_rows<2, NV>(q + r * hd, hd, kt, s + r * lds, lds);
-    r += 2;
-  }
-  for (; r < rows; ++r) scores_rows<1, NV>(q + r * hd, hd, kt, s + r * lds, lds);
-}
-
-void scores_generic(const float* q, int32_t rows, int64_t hd, const float* kt, int64_t ps, float* s,
-                    int64_t lds) {
-  for (int32_t r = 0; r < rows; ++r) {
-    float* sr = s + r * lds;
-    for (int64_t j = 0; j < ps; ++j) sr[j] = 0.f;
-    for (int64_t d = 0; d < hd; ++d) {
-      const float qv = q[r * hd + d];
-      for (int64_t j = 0; j < ps; ++j) sr[j] += qv * kt[d * ps + j];
-    }
-  }
-}
-
-// s[r][0 .. ps) (row stride lds) = q[R][hd] · kt, kt: [hd][ps].
-void page_scores(const float* q, int32_t rows, int64_t hd, const float* kt, int64_t ps, float* s, int64_t lds) {
-  switch (ps) {
-    case 8:
-      scores_all<8, 1>(q, rows, hd, kt, s, lds);
-      return;
-    case 16:
-      scores_all<6, 2>(q, rows, hd, kt, s, lds);
-      return;
-    case 32:
-      scores_all<2, 4>(q, rows, hd, kt, s, lds);
-      return;
-    default:
-      scores_generic(q, rows, hd, kt, ps, s, lds);
-  }
-}
+using attention_vec::page_scores;
 
 // o[r][c .. c+16) = alpha[r] * o[r][..] + sum_{j0 <= j <= j1} p[r][j] * v[j][..] for MR rows
 // (alpha null: 1), one 16-column block of head_dim at a time (MR x 2 accumulators).

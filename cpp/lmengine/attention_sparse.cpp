@@ -20,8 +20,6 @@ using attention_vec::kv_block_f32;
 using attention_vec::load8;
 using attention_vec::v8f;
 using attention_vec::weighted_rows;
-// s[j] = q . K[j] over one transposed K block.
-constexpr auto block_scores = attention_vec::page_scores;
 
 void accumulate_rows(const float* p, const float* v, int64_t n, int64_t hd, float* out) {
   if (hd == 64) {
@@ -118,9 +116,9 @@ void attention_sparse_partial(const float* q, int32_t group, float scale, KVCach
     const float* kt = kv_block_f32(kv.k_block(page, layer, head), dt, kbuf, ps * hd);
     const float* vp = kv_block_f32(kv.v_block(page, layer, head), dt, vbuf, (j1 + 1) * hd);
     const int64_t n = j1 - j0 + 1;
+    attention_vec::page_scores(q, group, hd, kt, ps, sc, ps);  // the group's heads in one pass
     for (int32_t g = 0; g < group; ++g) {
       float* s = sc + int64_t(g) * ps;
-      block_scores(q + int64_t(g) * hd, kt, hd, ps, s);
       float bmax = kNegInf;
       for (int64_t j = j0; j <= j1; ++j) {
         s[j] *= scale;

@@ -19,23 +19,96 @@ inline v8f load8(const float* p) {
   return v;
 }
 
-// s[j] = sum_d q[d] * kt[d * ps + j] for j < ps (kt: a transposed K page).
-inline void page_scores(const float* q, const float* kt, int64_t hd, int64_t ps, float* s) {
-  if (ps == 16) {
-    v8f a0 = {}, a1 = {};
-    for (int64_t d = 0; d < hd; ++d) {
-      const float qd = q[d];
-      a0 += qd * load8(kt + d * 16);
-      a1 += qd * load8(kt + d * 16 + 8);
+inline void store8(float* p, v8f v) { __builtin_memcpy(p, &v, sizeof(v)); }
+
+// s[r][0 .. 8*NV) = sum_d q[r][d] * kt[d][0 .. 8*NV) for MR rows; kt is a transposed K page
+// (row stride 8*NV = page_size). MR x NV accumulators stay in registers over head_dim; each d
+// costs NV loads and MR broadcasts for MR * NV FMAs. 6 x 2 (12 of AVX2's 16 registers) measured
+// 1.4x faster than 4 x 2 at page_size 16. A single row splits d into even/odd halves so that
+// 2 * NV independent chains hide the FMA latency.
+template <int MR, int NV>
+inline void scores_rows(const float* q, int64_t hd, const float* kt, float* s, int64_t lds) {
+  constexpr int ps = 8 * NV;
+  if constexpr (MR == 1) {
+    v8f a[NV] = {}, b[NV] = {};
+    int64_t d = 0;
+    for (; d + 2 <= hd; d += 2) {
+      const float q0 = q[d], q1 = q[d + 1];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        a[v] += q0 * load8(kt + d * ps + 8 * v);
+        b[v] += q1 * load8(kt + (d + 1) * ps + 8 * v);
+      }
     }
-    __builtin_memcpy(s, &a0, sizeof(a0));
-    __builtin_memcpy(s + 8, &a1, sizeof(a1));
-    return;
+    for (; d < hd; ++d) {
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) a[v] += q[d] * load8(kt + d * ps + 8 * v);
+    }
+    for (int v = 0; v < NV; ++v) store8(s + 8 * v, a[v] + b[v]);
+  } else {
+    v8f acc[MR][NV] = {};
+    for (int64_t d = 0; d < hd; ++d) {
+      v8f k[NV];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) k[v] = load8(kt + d * ps + 8 * v);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        const float qv = q[r * hd + d];
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[r][v] += qv * k[v];
+      }
+    }
+    for (int r = 0; r < MR; ++r) {
+      for (int v = 0; v < NV; ++v) store8(s + r * lds + 8 * v, acc[r][v]);
+    }
   }
-  for (int64_t j = 0; j < ps; ++j) s[j] = 0.f;
-  for (int64_t d = 0; d < hd; ++d) {
-    const float qd = q[d];
-    for (int64_t j = 0; j < ps; ++j) s[j] += qd * kt[d * ps + j];
+}
+
+// The last rem (< MR) rows in one block of rem rows.
+template <int MR, int NV>
+inline void scores_tail(int32_t rem, const float* q, int64_t hd, const float* kt, float* s, int64_t lds) {
+  if constexpr (MR > 1) {
+    if (rem == MR - 1) return scores_rows<MR - 1, NV>(q, hd, kt, s, lds);
+    return scores_tail<MR - 1, NV>(rem, q, hd, kt, s, lds);
+  }
+}
+
+template <int MR, int NV>
+inline void scores_all(const float* q, int32_t rows, int64_t hd, const float* kt, float* s, int64_t lds) {
+  int32_t r = 0;
+  for (; r + MR <= rows; r += MR) scores_rows<MR, NV>(q + r * hd, hd, kt, s + r * lds, lds);
+  if (r < rows) scores_tail<MR, NV>(rows - r, q + r * hd, hd, kt, s + r * lds, lds);
+}
+
+inline void scores_generic(const float* q, int32_t rows, int64_t hd, const float* kt, int64_t ps, float* s,
+                           int64_t lds) {
+  for (int32_t r = 0; r < rows; ++r) {
+    float* sr = s + r * lds;
+    for (int64_t j = 0; j < ps; ++j) sr[j] = 0.f;
+    for (int64_t d = 0; d < hd; ++d) {
+      const float qv = q[r * hd + d];
+      for (int64_t j = 0; j < ps; ++j) sr[j] += qv * kt[d * ps + j];
+    }
+  }
+}
+
+// s[r][0 .. ps) (row stride lds) = q[r][0 .. hd) · kt for `rows` query rows hd apart (a GQA
+// group's heads), kt: a transposed K page [hd][ps]. All rows of a group in one pass over the
+// page: the rows' accumulators are independent chains, so the FMA latency is hidden.
+inline void page_scores(const float* q, int32_t rows, int64_t hd, const float* kt, int64_t ps, float* s,
+                        int64_t lds) {
+  switch (ps) {
+    case 8:
+      scores_all<8, 1>(q, rows, hd, kt, s, lds);
+      return;
+    case 16:
+      scores_all<6, 2>(q, rows, hd, kt, s, lds);
+      return;
+    case 32:
+      scores_all<2, 4>(q, rows, hd, kt, s, lds);
+      return;
+    default:
+      scores_generic(q, rows, hd, kt, ps, s, lds);
   }
 }
 
