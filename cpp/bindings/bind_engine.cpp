@@ -73,6 +73,8 @@ class PyEngine {
     c.activation_bits = cfg_get_or<int32_t>(cfg, "activation_bits", 16);
     c.two_level_mask = cfg_get_or<int32_t>(cfg, "two_level_mask", 31);
     lme_py::moe_config_from_dict(cfg, c);
+    c.decode_split_pages = cfg_get_or<int32_t>(cfg, "decode_split_pages", 16);
+    if (c.decode_split_pages < 0) raise_error("InvalidRequestError", "decode_split_pages must be >= 0");
     c.f32_prompt_min_tokens = cfg_get_or<int32_t>(cfg, "f32_prompt_min_tokens", 8);
     if (c.f32_prompt_min_tokens < 0) {
       raise_error("InvalidRequestError", "f32_prompt_min_tokens must be >= 0");

@@ -57,8 +57,10 @@ void attention_paged_one(const float* q, int32_t group, float scale, KVCache& kv
 
   // Pass 1: scores of every position of every touched page (positions outside [lo, pos] are
   // computed on whatever the page holds and then ignored).
+  const int64_t block_bytes = kv.block_bytes();
   for (int64_t p0 = base; p0 <= pos; p0 += ps) {
     const int32_t page = pages[p0 / ps];
+    if (p0 + ps <= pos) attention_vec::prefetch_block(kv.k_block(pages[p0 / ps + 1], layer, head), block_bytes);
     const float* kt = kv_block_f32(kv.k_block(page, layer, head), dt, kbuf, ps * hd);
     page_scores(q, group, hd, kt, ps, scratch.scores + (p0 - base), scratch.scores_stride);
   }
@@ -83,6 +85,7 @@ void attention_paged_one(const float* q, int32_t group, float scale, KVCache& kv
   for (int64_t p0 = base; p0 <= pos; p0 += ps) {
     const int32_t page = pages[p0 / ps];
     const int64_t j0 = std::max(p0, lo), j1 = std::min(p0 + ps - 1, pos);
+    if (p0 + ps <= pos) attention_vec::prefetch_block(kv.v_block(pages[p0 / ps + 1], layer, head), block_bytes);
     const float* vp = kv_block_f32(kv.v_block(page, layer, head), dt, vbuf, (j1 - p0 + 1) * hd);
     for (int32_t g = 0; g < group; ++g) {
       const float* pg = scratch.scores + g * scratch.scores_stride - base;

@@ -113,6 +113,11 @@ void attention_sparse_partial(const float* q, int32_t group, float scale, KVCach
     const int64_t j0 = std::max(p0, lo) - p0, j1 = std::min(p0 + ps - 1, pos) - p0;  // valid slots
     if (j0 > j1) continue;
     const int32_t page = pages[blocks[bi]];
+    if (bi + 1 < n_blocks) {  // the next block's K and V arrive while this one is computed
+      const int32_t next = pages[blocks[bi + 1]];
+      attention_vec::prefetch_block(kv.k_block(next, layer, head), kv.block_bytes());
+      attention_vec::prefetch_block(kv.v_block(next, layer, head), kv.block_bytes());
+    }
     const float* kt = kv_block_f32(kv.k_block(page, layer, head), dt, kbuf, ps * hd);
     const float* vp = kv_block_f32(kv.v_block(page, layer, head), dt, vbuf, (j1 + 1) * hd);
     const int64_t n = j1 - j0 + 1;

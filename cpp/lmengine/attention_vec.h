@@ -127,6 +127,13 @@ inline void weighted_rows(const float* p, const float* v, int64_t n, float* out)
   for (int i = 0; i < kVecs; ++i) __builtin_memcpy(out + 8 * i, &acc[i], sizeof(v8f));
 }
 
+// Asks the cache hierarchy for the next block a loop will read (KV blocks are scattered over the
+// pool, one per page, layer and head, so the hardware prefetchers cannot run ahead across them).
+inline void prefetch_block(const void* block, int64_t bytes) {
+  const char* p = static_cast<const char*>(block);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
+}
+
 // A K or V block as fp32: the block itself in an fp32 cache, else its first n elements converted
 // into buf.
 inline const float* kv_block_f32(const void* block, int32_t kv_dtype, float* buf, int64_t n) {

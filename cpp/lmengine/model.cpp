@@ -8,6 +8,7 @@
 
 #include "lmengine/attention.h"
 #include "lmengine/attention_chunk.h"
+#include "lmengine/attention_sparse.h"
 #include "lmengine/ops.h"
 
 namespace lme {
@@ -22,6 +23,11 @@ constexpr int64_t kMaxRowsPerChunk = 32;
 constexpr int64_t kDecodeTokens = 4;
 constexpr int64_t kDecodeChunksPerThread = 6;
 constexpr int64_t kMaxDecodeChunkRows = 1024;
+// Dense decode attention of a long context is split flash-decoding style: one work item per
+// (token, KV head, split of ModelConfig::decode_split_pages or more pages), at most
+// kMaxDecodeSplits splits, partials merged by log-sum-exp. Without splits a batch-1 step has only
+// n_kv_heads items per layer (3 for SmolLM2: one of two threads idles a third of the time).
+constexpr int64_t kMaxDecodeSplits = 8;
 
 std::string shape_str(int64_t rows, int64_t cols) {
   return "[" + std::to_string(rows) + ", " + std::to_string(cols) + "]";
@@ -160,6 +166,17 @@ struct Engine::Scratch {
   std::vector<float> chunk_tmp;       // [thread][attention_chunk_scratch_floats]
   std::vector<float> chunk_partials;  // [partial slot][chunk_attention_partial_floats]
   std::vector<int64_t> single_tokens;  // step tokens that are a sequence's only new token
+  // Dense single-token attention items of this step: (index into single_tokens, KV head, split,
+  // splits); items of split tokens write partials [item][group*head_dim] and [item][group] x 2,
+  // merged per (token, head) by the entries of split_merges (first item, splits).
+  struct DecodeItem {
+    int32_t single, head, split, n_split;
+  };
+  std::vector<DecodeItem> decode_items;
+  std::vector<std::pair<int64_t, int32_t>> split_merges;
+  std::vector<float> split_out, split_m, split_l;
+  std::vector<int32_t> block_iota;  // 0, 1, 2, ...: the block list of a dense split
+  std::vector<float> split_work;    // [thread][2*page_size*head_dim + group*page_size]
   int64_t chunk_tmp_len = 0;
   ChunkAttentionPlan& plan_for_window(int32_t window) {
     for (auto& [w, plan] : chunk_plans) {
@@ -290,6 +307,44 @@ void Engine::ensure_scratch(int64_t n_tokens, int64_t n_out, int64_t max_ctx) {
   }
 }
 
+void Engine::plan_decode_splits() {
+  const ModelConfig& c = config_;
+  Scratch& S = *scratch_;
+  const int64_t ps = kv_.config().page_size, group = c.n_heads / c.n_kv_heads;
+  S.decode_items.clear();
+  S.split_merges.clear();
+  int64_t max_pages = 0;
+  for (int64_t i = 0; i < static_cast<int64_t>(S.single_tokens.size()); ++i) {
+    const int64_t t = S.single_tokens[i];
+    const int64_t n_pages = S.tok_pos[t] / ps + 1;
+    const int32_t n_split = sparse_.is_sparse(t) || c.decode_split_pages == 0
+                                ? 1
+                                : static_cast<int32_t>(
+                                      std::clamp<int64_t>(n_pages / c.decode_split_pages, 1, kMaxDecodeSplits));
+    max_pages = std::max(max_pages, n_pages);
+    for (int32_t h = 0; h < c.n_kv_heads; ++h) {
+      if (n_split > 1) S.split_merges.push_back({static_cast<int64_t>(S.decode_items.size()), n_split});
+      for (int32_t sp = 0; sp < n_split; ++sp) {
+        S.decode_items.push_back({static_cast<int32_t>(i), h, sp, n_split});
+      }
+    }
+  }
+  if (S.split_merges.empty()) return;
+  const size_t n_items = S.decode_items.size();
+  if (S.split_out.size() < n_items * group * c.head_dim) S.split_out.resize(n_items * group * c.head_dim);
+  if (S.split_m.size() < n_items * group) {
+    S.split_m.resize(n_items * group);
+    S.split_l.resize(n_items * group);
+  }
+  if (static_cast<int64_t>(S.block_iota.size()) < max_pages) {
+    const size_t old = S.block_iota.size();
+    S.block_iota.resize(static_cast<size_t>(max_pages));
+    for (size_t b = old; b < S.block_iota.size(); ++b) S.block_iota[b] = static_cast<int32_t>(b);
+  }
+  const size_t work = static_cast<size_t>(pool_.size() * (2 * ps * c.head_dim + group * ps));
+  if (S.split_work.size() < work) S.split_work.resize(work);
+}
+
 Status Engine::step(const std::vector<StepSequence>& batch, float* logits) {
   const ModelConfig& c = config_;
   if (batch.empty()) return Status::Error(StatusCode::kInvalidArgument, "empty batch");
@@ -403,6 +458,7 @@ Status Engine::step(const std::vector<StepSequence>& batch, float* logits) {
   for (int64_t b = 0, t0 = 0; b < static_cast<int64_t>(batch.size()); t0 += batch[b].n_tokens, ++b) {
     if (batch[b].n_tokens == 1) S.single_tokens.push_back(t0);
   }
+  plan_decode_splits();
   const int64_t partial_floats = max_partials * chunk_attention_partial_floats(c.n_heads / c.n_kv_heads, c.head_dim);
   if (partial_floats > static_cast<int64_t>(S.chunk_partials.size())) S.chunk_partials.resize(partial_floats);
   // forward() runs 2 + 12 per dense layer ops, + 4 with sparse attention (MoE layers: 9 +
@@ -656,20 +712,34 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
                                            static_cast<int32_t>(group), l, c.attn_scale,
                                            static_cast<int32_t>(window)};
     const int64_t n_chunk_items = static_cast<int64_t>(chunk_plan.items.size());
-    const int64_t n_single = static_cast<int64_t>(S.single_tokens.size());
-    pc.for_chunks(n_chunk_items + n_single * c.n_kv_heads, 1, [&](int64_t i0, int64_t) {
+    const int64_t n_decode_items = static_cast<int64_t>(S.decode_items.size());
+    pc.for_chunks(n_chunk_items + n_decode_items, 1, [&](int64_t i0, int64_t) {
       if (i0 < n_chunk_items) {
         chunk_attention_run_item(chunk_plan, i0, kv_, chunk_step, &S.chunk_tmp[pc.tid() * S.chunk_tmp_len],
                                  S.chunk_partials.data());
         return;
       }
       i0 -= n_chunk_items;
-      const int64_t t = S.single_tokens[i0 / c.n_kv_heads];
+      const Scratch::DecodeItem& item = S.decode_items[i0];
+      const int64_t t = S.single_tokens[item.single];
       if (sparse_.is_sparse(t)) return;
-      const int32_t h = static_cast<int32_t>(i0 % c.n_kv_heads);
+      const int32_t h = item.head;
       const int32_t seq = batch[S.tok_seq[t]].seq;
       const int64_t pos = S.tok_pos[t];
       const int64_t lo = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
+      if (item.n_split > 1) {
+        // This split's share of the token's pages, clipped to the layer's window.
+        const int64_t n_pages = pos / page_size + 1;
+        const int64_t b0 = std::max(n_pages * item.split / item.n_split, lo / page_size);
+        const int64_t b1 = n_pages * (item.split + 1) / item.n_split;
+        const int64_t gw = group * hd;
+        float* work = &S.split_work[int64_t(pc.tid()) * (2 * page_size * hd + group * page_size)];
+        attention_sparse_partial(&S.q[t * q_dim + int64_t(h) * gw], static_cast<int32_t>(group), c.attn_scale, kv_,
+                                 kv_.seq_pages(seq).data(), l, h, S.block_iota.data() + std::min(b0, b1),
+                                 static_cast<int32_t>(std::max<int64_t>(0, b1 - b0)), lo, pos, work,
+                                 &S.split_out[i0 * gw], &S.split_m[i0 * group], &S.split_l[i0 * group]);
+        return;
+      }
       const AttentionScratch scratch = {&S.scores[int64_t(pc.tid()) * group * S.cap_ctx], S.cap_ctx,
                                         &S.kv_tmp[int64_t(pc.tid()) * 2 * page_size * hd]};
       attention_paged_one(&S.q[t * q_dim + int64_t(h) * group * hd], static_cast<int32_t>(group), c.attn_scale,
@@ -679,6 +749,16 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
     if (!chunk_plan.merges.empty()) {
       pc.for_chunks(static_cast<int64_t>(chunk_plan.merges.size()), 1, [&](int64_t i0, int64_t) {
         chunk_attention_run_merge(chunk_plan, i0, c.head_dim, chunk_step, S.chunk_partials.data());
+      });
+    }
+    if (!S.split_merges.empty()) {
+      pc.for_chunks(static_cast<int64_t>(S.split_merges.size()), 1, [&](int64_t i0, int64_t) {
+        const auto [first, n] = S.split_merges[i0];
+        const Scratch::DecodeItem& item = S.decode_items[first];
+        const int64_t t = S.single_tokens[item.single], gw = group * hd;
+        attention_sparse_merge(&S.split_out[first * gw], &S.split_m[first * group], &S.split_l[first * group], n,
+                               static_cast<int32_t>(group), static_cast<int32_t>(hd),
+                               &S.attn[t * q_dim + int64_t(item.head) * gw]);
       });
     }
 

@@ -59,6 +59,9 @@ struct ModelConfig {
   // A sequence's chunk of at least this many tokens (a prompt chunk) multiplies quantized weights
   // with fp32 activations instead (matmul_rows_f32: faster there, and exact activations); 0: never.
   int32_t f32_prompt_min_tokens = 8;
+  // Dense decode attention splits a token's context into flash-decoding parts of at least this
+  // many KV pages (up to 8 parts, merged by log-sum-exp); 0: never split.
+  int32_t decode_split_pages = 16;
 };
 
 enum : int32_t { kActSiLU = 0, kActGeluTanh = 1 };
@@ -159,6 +162,7 @@ class Engine {
  private:
   struct Scratch;
   void forward(ParallelContext& pc, const std::vector<StepSequence>& batch, float* logits);
+  void plan_decode_splits();  // dense single-token attention items of the step (model.cpp)
   void ensure_scratch(int64_t n_tokens, int64_t n_out, int64_t max_ctx);
 
   ModelConfig config_;
