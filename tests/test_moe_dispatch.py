@@ -302,7 +302,9 @@ def test_prompt_chunk_rows_take_fp32_activations(kind):
     rng = np.random.default_rng(21)
     layer = make_layer(rng, 8, 96, 64, kind, shared_ff=32)
     x = rng.standard_normal((32, 96)).astype(np.float32)
-    out, counts, ref, ref_counts = run_both(layer, x, 2, activation_bits=8, fp32_prompt_min_tokens=8)
+    out, counts, ref, ref_counts = run_both(
+        layer, x, 2, activation_bits=8, fp32_prompt_min_tokens=8
+    )
     np.testing.assert_array_equal(counts, ref_counts)
     assert rel_err(out, ref) <= 2e-6
     if kind != "F16":  # float weights always take fp32 activations
