@@ -59,6 +59,7 @@ int64_t sparse_blocks_kept(const SparseAttentionConfig& c, int64_t n_blocks) {
 namespace {
 
 constexpr int64_t kSummaryPrefetch = 4;
+constexpr int32_t kBlockPrefetch = 2;
 
 // sum_d max(q[d] * mn[d], q[d] * mx[d]) in 8 lanes (fp32; one serial chain over d was latency
 // bound at ~4 cycles per element).
@@ -137,8 +138,8 @@ void attention_sparse_partial(const float* q, int32_t group, float scale, KVCach
     const int64_t j0 = std::max(p0, lo) - p0, j1 = std::min(p0 + ps - 1, pos) - p0;  // valid slots
     if (j0 > j1) continue;
     const int32_t page = pages[blocks[bi]];
-    if (bi + 1 < n_blocks) {  // the next block's K and V arrive while this one is computed
-      const int32_t next = pages[blocks[bi + 1]];
+    if (bi + kBlockPrefetch < n_blocks) {  // a later block's K and V arrive while this one is computed
+      const int32_t next = pages[blocks[bi + kBlockPrefetch]];
       attention_vec::prefetch_block(kv.k_block(next, layer, head), kv.block_bytes());
       attention_vec::prefetch_block(kv.v_block(next, layer, head), kv.block_bytes());
     }

@@ -131,7 +131,7 @@ inline void weighted_rows(const float* p, const float* v, int64_t n, float* out)
 // pool, one per page, layer and head, so the hardware prefetchers cannot run ahead across them).
 inline void prefetch_block(const void* block, int64_t bytes) {
   const char* p = static_cast<const char*>(block);
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 2);  // into L2
 }
 
 // A K or V block as fp32: the block itself in an fp32 cache, else its first n elements converted
