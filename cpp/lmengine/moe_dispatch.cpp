@@ -11,10 +11,12 @@ namespace lme {
 
 namespace {
 
-// Rows of one work chunk: 32 keeps both threads busy on a single token's few experts; with many
-// tokens per expert 16 rows already amortise the activation reads over the token tile.
-int64_t rows_per_chunk(int64_t n_tok) { return n_tok <= 4 ? 32 : 16; }
-constexpr int64_t kMaxRowsPerChunk = 32;
+// Rows of one work chunk: at up to 4 tokens a chunk streams its rows' weights once, so it is a
+// long run (128 rows: the prefetchers restart at every chunk, and 32-row chunks left Mixtral's
+// Q4_0 experts at ~42% of the copy bandwidth); with many tokens per expert 16 rows already
+// amortise the activation reads over the token tile.
+int64_t rows_per_chunk(int64_t n_tok) { return n_tok <= 4 ? 128 : 16; }
+constexpr int64_t kMaxRowsPerChunk = 128;
 
 std::string shape_str(int64_t rows, int64_t cols) {
   return "[" + std::to_string(rows) + ", " + std::to_string(cols) + "]";
@@ -319,7 +321,7 @@ void MoEDispatch::reserve(const MoEConfig& c, int64_t d, const std::vector<const
   route_tmp_.assign(static_cast<size_t>(n_threads) * 2 * E, 0.f);
   row_tmp_len_ = std::max<int64_t>({d, ff, ffs});
   row_tmp_.assign(static_cast<size_t>(n_threads) * row_tmp_len_, 0.f);
-  mm_tmp_len_ = 2 * T * kMaxRowsPerChunk;
+  mm_tmp_len_ = 2 * std::max<int64_t>(T, 4) * kMaxRowsPerChunk;  // two-level rows x any chunk
   mm_tmp_.assign(static_cast<size_t>(n_threads) * mm_tmp_len_, 0.f);
   ff_cap_ = ff;
   ffs_cap_ = ffs;
