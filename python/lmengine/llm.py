@@ -85,7 +85,7 @@ class LLM:
     ``kv_cache_tokens`` (positions across all sequences) or ``kv_cache_memory`` (bytes).
     ``activation_bits=16`` (default) feeds quantized products 16-bit activation blocks (Q4_0,
     Q4_1, Q5_0, Q8_0 weights; K-quants get an 8-bit row plus its 8-bit rounding residual), which
-    keeps logits within ~1e-3 of an fp32 reference at the speed of 8-bit rows for one token;
+    keeps logits within ~1e-4 of the logit range of an fp32 reference at the speed of 8-bit rows;
     ``8`` is a single 8-bit row as llama.cpp does: ~1-3% logit error. Prompt chunks of >= 8
     tokens use fp32 activations either way.
     ``attention="sparse"|"resa"`` decodes block-sparsely (``resa``: with periodic dense
