@@ -15,7 +15,7 @@ Method
 - Each (mode, context, batch) gets a fresh LLM; after 2 warm-up steps, --steps decode steps are
   timed one by one (wall) with Engine.op_seconds() reset around each: end-to-end = mean step
   wall time; attention-only = the step's selection + sparse + dense attention op time, both as
-  means over the timed steps. ReSA runs whole rectification cycles (a multiple of f steps, one
+  means over the timed steps. ReSA runs whole rectification cycles (a multiple of f + 1 steps, one
   of which carries the f-token dense chunk), so its mean is the amortised cost, as in use.
 - Peer: dense attention in the same run; for each sparse mode the measured attention-only and
   end-to-end speedups are printed beside the cost model's prediction of the KV bytes read,
@@ -112,12 +112,14 @@ def run_config(args, mode, context, batch, bw) -> dict | None:
     except LMEngineError as e:
         print(f"  skip {mode}: {e}", flush=True)
         return None
-    # Sparse modes run whole rectification cycles: with resa one step in every f carries the
-    # f-token dense chunk, and the mean over a whole number of cycles is its amortised cost.
+    # Sparse modes run whole rectification cycles: with resa a cycle is f sparse steps and then
+    # one step that carries the f re-run tokens with its new token (f + 1 steps: ReSACycle), and
+    # the mean over a whole number of cycles is the amortised cost. (Until 2026-11-29 12:20 this
+    # used multiples of f, so the timed steps never contained the rectification step.)
     n_steps = args.steps
     if mode == "resa":
-        f = ReSAConfig().rectify_every  # the LLM below runs the default ReSAConfig
-        n_steps = max(f, -(-args.steps // f) * f)
+        cycle = ReSAConfig().rectify_every + 1  # the LLM below runs the default ReSAConfig
+        n_steps = max(cycle, -(-args.steps // cycle) * cycle)
     span = context + n_steps + 2 + CHUNK_TOKENS + 16
     llm = LLM(
         args.model,
@@ -165,6 +167,10 @@ def run_config(args, mode, context, batch, bw) -> dict | None:
         "cost_model_fraction": frac,
         "rectification_steps": sum(r["tokens"] > batch for r in records),
     }
+    if mode == "resa" and row["rectification_steps"] == 0:
+        raise RuntimeError(
+            "resa: no rectification step among the timed steps; the figure would leave it out"
+        )
     if extra:
         row.update(extra)
         row["decode32_attention_s"] = CHUNK_TOKENS * attn_s

@@ -386,8 +386,8 @@ class PyEngine {
     py::array_t<float> out({n, H, int64_t(2), D});
     for (int64_t b = 0; b < n; ++b) {
       for (int64_t h = 0; h < H; ++h) {
-        const float* s = kv.block_summary(kv.seq_pages(seq)[b], layer, static_cast<int32_t>(h));
-        std::copy(s, s + 2 * D, out.mutable_data() + (b * H + h) * 2 * D);
+        lme::kv_to_f32(static_cast<int32_t>(c.dtype), kv.block_summary(kv.seq_pages(seq)[b], layer, static_cast<int32_t>(h)),
+                       out.mutable_data() + (b * H + h) * 2 * D, 2 * D);
       }
     }
     return out;

@@ -19,6 +19,7 @@
 #include "lmengine/attention_sparse.h"
 #include "lmengine/kv_cache.h"
 #include "lmengine/kv_summaries.h"
+#include "lmengine/ops.h"
 
 namespace py = pybind11;
 
@@ -108,8 +109,8 @@ py::array_t<float> block_summaries(const F32Array& k, int64_t page_size, const s
   const int64_t D = k.shape(1), n = static_cast<int64_t>(c.pages.size());
   py::array_t<float> out({n, int64_t(2), D});
   for (int64_t b = 0; b < n; ++b) {
-    const float* s = c.kv->block_summary(c.pages[b], 0, 0);
-    std::copy(s, s + 2 * D, out.mutable_data() + b * 2 * D);
+    lme::kv_to_f32(static_cast<int32_t>(c.kv->config().dtype), c.kv->block_summary(c.pages[b], 0, 0),
+                   out.mutable_data() + b * 2 * D, 2 * D);
   }
   return out;
 }

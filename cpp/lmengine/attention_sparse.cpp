@@ -60,6 +60,7 @@ namespace {
 
 constexpr int64_t kSummaryPrefetch = 4;
 constexpr int32_t kBlockPrefetch = 2;
+constexpr int64_t kMaxSummaryHeadDim = 4096;  // validate_model caps head_dim here
 
 // sum_d max(q[d] * mn[d], q[d] * mx[d]) in 8 lanes (fp32; one serial chain over d was latency
 // bound at ~4 cycles per element).
@@ -95,6 +96,7 @@ int32_t sparse_select_blocks(const SparseAttentionConfig& c, const float* q, int
     q_mean[d] = acc * w;
   }
   const float inf = std::numeric_limits<float>::infinity();
+  float summary_buf[2 * kMaxSummaryHeadDim];  // a 16-bit cache's summary, converted
   for (int64_t i = 0; i < n_cand; ++i) {
     blocks[i] = static_cast<int32_t>(i);
     if (i < c.n_sink || i >= n_cand - c.n_local) {
@@ -104,9 +106,9 @@ int32_t sparse_select_blocks(const SparseAttentionConfig& c, const float* q, int
     // Summaries of one (layer, head) lie a page's stride apart: fetch a few blocks ahead.
     if (i + kSummaryPrefetch < n_cand) {
       attention_vec::prefetch_block(kv.block_summary(pages[b_lo + i + kSummaryPrefetch], layer, head),
-                                    2 * hd * int64_t(sizeof(float)));
+                                    kv.summary_bytes());
     }
-    const float* mn = kv.block_summary(pages[b_lo + i], layer, head);
+    const float* mn = kv.summary_f32(pages[b_lo + i], layer, head, summary_buf);
     const float* mx = mn + hd;
     scores[i] = summary_score(q_mean, mn, mx, hd);
   }

@@ -10,7 +10,8 @@ namespace lme {
 void kv_summary_refresh(KVCache& kv, int32_t page, int32_t layer, int32_t head, int64_t n_valid) {
   const KVCacheConfig& c = kv.config();
   const int64_t hd = c.head_dim, ps = c.page_size;
-  float* mn = kv.block_summary(page, layer, head);
+  float summary[2 * 4096];  // head_dim <= 4096; converted to the cache's dtype at the end (exact)
+  float* mn = summary;
   float* mx = mn + hd;
   const uint8_t* kb = kv.k_block(page, layer, head);
   // K is [head_dim][page_size] within the block: dimension d of the valid slots is one short row.
@@ -31,6 +32,7 @@ void kv_summary_refresh(KVCache& kv, int32_t page, int32_t layer, int32_t head, 
     mn[d] = lo;
     mx[d] = hi;
   }
+  f32_to_kv(static_cast<int32_t>(c.dtype), summary, kv.block_summary(page, layer, head), 2 * hd);
 }
 
 Status kv_summaries_update(KVCache& kv, int32_t seq, int32_t layer, int64_t pos_begin, int64_t pos_end) {

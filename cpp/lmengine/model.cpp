@@ -72,6 +72,9 @@ Status validate_model(const ModelConfig& c, const ModelWeights& w) {
   if (c.n_heads % c.n_kv_heads != 0) {
     return Status::Error(StatusCode::kBadModel, "n_heads must be a multiple of n_kv_heads");
   }
+  if (c.head_dim > 4096) {  // the attention and block-summary kernels' stack rows
+    return Status::Error(StatusCode::kBadModel, "head_dim " + std::to_string(c.head_dim) + " exceeds 4096");
+  }
   if (c.head_dim % 2 != 0 || static_cast<int32_t>(c.rope_inv_freq.size()) != c.head_dim / 2) {
     return Status::Error(StatusCode::kBadModel, "rope_inv_freq must have head_dim/2 entries");
   }

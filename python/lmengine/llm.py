@@ -139,9 +139,14 @@ class LLM:
         bytes_per_token = (
             2 * self.spec.n_layers * self.spec.n_kv_heads * self.spec.head_dim * kv_elem
         )
-        if sparse_capable:  # fp32 key min/max per page: 2 * head_dim floats per page_size tokens
+        if sparse_capable:  # key min/max per page in the KV dtype: 2 * head_dim per page_size
             bytes_per_token += (
-                2 * self.spec.n_layers * self.spec.n_kv_heads * self.spec.head_dim * 4 / page_size
+                2
+                * self.spec.n_layers
+                * self.spec.n_kv_heads
+                * self.spec.head_dim
+                * kv_elem
+                / page_size
             )
         if kv_cache_tokens is not None and kv_cache_memory is not None:
             raise InvalidRequestError("give kv_cache_tokens or kv_cache_memory, not both")
