@@ -285,8 +285,20 @@ def run_profile(args: argparse.Namespace) -> int:
     fill = args.fill
     if fill == "auto":
         fill = "prefill" if args.context <= 2048 else "import"
-    span = args.context + args.steps + 3  # + the warm-up steps
     kw = llm_attention_kwargs(args.attention)
+    if args.attention == "resa":
+        # Whole cycles (f sparse steps, then the step that re-runs them): otherwise the timed
+        # steps may hold no rectification and the breakdown would leave its cost out.
+        from lmengine.resa import ReSAConfig
+
+        cycle = ReSAConfig().rectify_every + 1  # the LLM below runs the default ReSAConfig
+        if args.steps % cycle:
+            rounded = -(-args.steps // cycle) * cycle
+            print(
+                f"[lmengine] resa: {args.steps} steps rounded up to {rounded} (whole cycles of {cycle})"
+            )
+            args.steps = rounded
+    span = args.context + args.steps + 3  # + the warm-up steps
     llm = LLM(
         args.model,
         n_threads=args.threads,
