@@ -58,7 +58,7 @@ from lmengine.profile_cli import (  # noqa: E402
     llm_attention_kwargs,
     op_group,
 )
-from lmengine.resa import ReSAConfig  # noqa: E402
+from lmengine.resa import ReSAConfig, whole_cycles  # noqa: E402
 
 DEFAULT_MODEL = "smollm2-135m"
 ATTENTION_GROUPS = ("selection", "sparse attention", "dense attention")
@@ -118,8 +118,7 @@ def run_config(args, mode, context, batch, bw) -> dict | None:
     # used multiples of f, so the timed steps never contained the rectification step.)
     n_steps = args.steps
     if mode == "resa":
-        cycle = ReSAConfig().rectify_every + 1  # the LLM below runs the default ReSAConfig
-        n_steps = max(cycle, -(-args.steps // cycle) * cycle)
+        n_steps = whole_cycles(n_steps, ReSAConfig())  # the LLM below runs the default ReSAConfig
     span = context + n_steps + 2 + CHUNK_TOKENS + 16
     llm = LLM(
         args.model,

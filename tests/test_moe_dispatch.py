@@ -359,6 +359,8 @@ def test_bad_expert_tensors_are_named():
         _core.kernels.moe_forward(x, router, gate, up, down, 2, scoring="relu")
     with pytest.raises(InvalidRequestError, match="x must be"):
         _core.kernels.moe_forward(x[0], router, gate, up, down, 2)
+    with pytest.raises(InvalidRequestError, match="fp32_prompt_min_tokens"):
+        _core.kernels.moe_forward(x, router, gate, up, down, 2, fp32_prompt_min_tokens=-1)
 
 
 def test_layer_reuses_scratch_across_sizes():

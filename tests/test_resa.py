@@ -535,3 +535,13 @@ def test_cuda_sparse_decode_matches_reference(kv_dtype, params):
             ref = attention_ref(qg, k_rows[s, h], v_rows[s, h], positions, scale)
             err = np.abs(out[s, h * group : (h + 1) * group] - ref).max()
             assert err <= 2e-5 * np.abs(v_rows[s, h]).max()
+
+
+def test_whole_cycles_round_up_to_f_plus_one_steps():
+    # A cycle is f sparse steps plus the step that re-runs them: timings over fewer steps (or a
+    # multiple of f) would leave the rectification out.
+    from lmengine.resa import whole_cycles
+
+    cfg = ReSAConfig(rectify_every=32)
+    assert [whole_cycles(n, cfg) for n in (1, 32, 33, 34, 66)] == [33, 33, 33, 66, 66]
+    assert whole_cycles(5, ReSAConfig(rectify_every=4)) == 5

@@ -97,6 +97,7 @@ int32_t sparse_select_blocks(const SparseAttentionConfig& c, const float* q, int
   }
   const float inf = std::numeric_limits<float>::infinity();
   float summary_buf[2 * kMaxSummaryHeadDim];  // a 16-bit cache's summary, converted
+  const int32_t dt = static_cast<int32_t>(kv.config().dtype);
   for (int64_t i = 0; i < n_cand; ++i) {
     blocks[i] = static_cast<int32_t>(i);
     if (i < c.n_sink || i >= n_cand - c.n_local) {
@@ -108,7 +109,7 @@ int32_t sparse_select_blocks(const SparseAttentionConfig& c, const float* q, int
       attention_vec::prefetch_block(kv.block_summary(pages[b_lo + i + kSummaryPrefetch], layer, head),
                                     kv.summary_bytes());
     }
-    const float* mn = kv.summary_f32(pages[b_lo + i], layer, head, summary_buf);
+    const float* mn = kv_block_f32(kv.block_summary(pages[b_lo + i], layer, head), dt, summary_buf, 2 * hd);
     const float* mx = mn + hd;
     scores[i] = summary_score(q_mean, mn, mx, hd);
   }

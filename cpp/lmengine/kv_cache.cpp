@@ -3,7 +3,6 @@
 #include <string>
 
 #include "lmengine/kv_summaries.h"
-#include "lmengine/ops.h"
 
 namespace lme {
 
@@ -22,13 +21,6 @@ KVCache::KVCache(const KVCacheConfig& config)
   free_list_.reserve(static_cast<size_t>(config_.n_pages));
   // Hand out low page numbers first: pop_back takes from the end.
   for (int64_t p = config_.n_pages - 1; p >= 0; --p) free_list_.push_back(static_cast<int32_t>(p));
-}
-
-const float* KVCache::summary_f32(int32_t page, int32_t layer, int32_t head, float* buf) {
-  const uint8_t* s = block_summary(page, layer, head);
-  if (s == nullptr || config_.dtype == KVDType::F32) return reinterpret_cast<const float*>(s);
-  kv_to_f32(static_cast<int32_t>(config_.dtype), s, buf, 2 * config_.head_dim);
-  return buf;
 }
 
 int32_t KVCache::seq_create() {

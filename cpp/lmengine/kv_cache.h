@@ -76,15 +76,12 @@ class KVCache {
   int64_t block_bytes() const { return block_elems_ * kv_dtype_bytes(config_.dtype); }
   // Min/max summary of the (page, layer, head) block: [2][head_dim] in the cache's dtype (the
   // extremes of stored keys are stored keys, so a 16-bit cache's summaries are exact in 16 bits
-  // and cost half what fp32 would); null without summaries. summary_f32 converts one.
+  // and cost half what fp32 would); null without summaries. Readers convert with kv_to_f32.
   uint8_t* block_summary(int32_t page, int32_t layer, int32_t head) {
     if (summary_pool_ == nullptr) return nullptr;
     return summary_pool_.get() +
            ((static_cast<int64_t>(page) * config_.n_layers + layer) * config_.n_kv_heads + head) * summary_bytes();
   }
-  // The block's summary as 2 * head_dim floats: the summary itself in an fp32 cache, else
-  // converted into buf.
-  const float* summary_f32(int32_t page, int32_t layer, int32_t head, float* buf);
   int64_t summary_bytes() const {
     return config_.block_summaries ? 2 * config_.head_dim * kv_dtype_bytes(config_.dtype) : 0;
   }

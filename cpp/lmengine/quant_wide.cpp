@@ -150,46 +150,45 @@ void quantize_activation_row_wide(DType weight_type, const float* x, void* dst, 
   }
 }
 
+namespace {
+
+// The one dispatch of both entry points: Q16_32 rows (SIMD unless `reference`, scalar dots
+// otherwise), two-level K-quant rows, or fp32 rows for float weights.
+void wide_product(bool reference, DType wt, int64_t k, const void* W, int64_t w_stride, int64_t n_rows,
+                  const void* X, int64_t x_stride, int64_t n_tokens, float* Y, int64_t ldy, float* scratch) {
+  if (n_rows <= 0 || n_tokens <= 0) return;
+  const auto rows = reference ? matmul_rows_reference : matmul_rows;
+  if (!is_q16_type(wt)) {
+    if (!activation_is_quantized(wt)) return rows(wt, k, W, w_stride, n_rows, X, x_stride, n_tokens, Y, ldy);
+    return two_level_product(n_rows, x_stride, n_tokens, Y, ldy, scratch,
+                             [&](int64_t xs, int64_t n, float* y, int64_t ld) {
+                               rows(wt, k, W, w_stride, n_rows, X, xs, n, y, ld);
+                             });
+  }
+  const uint8_t* w = static_cast<const uint8_t*>(W);
+  const uint8_t* x = static_cast<const uint8_t*>(X);
+  if (!reference && quant_detail::matmul_rows_q16_simd(wt, k, w, w_stride, n_rows, x, x_stride, n_tokens, Y, ldy)) {
+    return;
+  }
+  for (int64_t t = 0; t < n_tokens; ++t) {
+    for (int64_t r = 0; r < n_rows; ++r) {
+      Y[t * ldy + r] = dot_q16_reference(wt, w + r * w_stride, x + t * x_stride, k);
+    }
+  }
+}
+
+}  // namespace
+
 void matmul_rows_wide(DType wt, int64_t k, const void* W, int64_t w_stride, int64_t n_rows,
                       const void* X, int64_t x_stride, int64_t n_tokens, float* Y, int64_t ldy,
                       float* scratch) {
-  if (n_rows <= 0 || n_tokens <= 0) return;
-  if (is_q16_type(wt)) {
-    if (!quant_detail::matmul_rows_q16_simd(wt, k, static_cast<const uint8_t*>(W), w_stride,
-                                            n_rows, static_cast<const uint8_t*>(X), x_stride,
-                                            n_tokens, Y, ldy)) {
-      matmul_rows_wide_reference(wt, k, W, w_stride, n_rows, X, x_stride, n_tokens, Y, ldy,
-                                 scratch);
-    }
-  } else if (activation_is_quantized(wt)) {
-    two_level_product(n_rows, x_stride, n_tokens, Y, ldy, scratch,
-                      [&](int64_t xs, int64_t n, float* y, int64_t ld) {
-                        matmul_rows(wt, k, W, w_stride, n_rows, X, xs, n, y, ld);
-                      });
-  } else {
-    matmul_rows(wt, k, W, w_stride, n_rows, X, x_stride, n_tokens, Y, ldy);
-  }
+  wide_product(false, wt, k, W, w_stride, n_rows, X, x_stride, n_tokens, Y, ldy, scratch);
 }
 
 void matmul_rows_wide_reference(DType wt, int64_t k, const void* W, int64_t w_stride,
                                 int64_t n_rows, const void* X, int64_t x_stride, int64_t n_tokens,
                                 float* Y, int64_t ldy, float* scratch) {
-  const uint8_t* w = static_cast<const uint8_t*>(W);
-  const uint8_t* x = static_cast<const uint8_t*>(X);
-  if (is_q16_type(wt)) {
-    for (int64_t t = 0; t < n_tokens; ++t) {
-      for (int64_t r = 0; r < n_rows; ++r) {
-        Y[t * ldy + r] = dot_q16_reference(wt, w + r * w_stride, x + t * x_stride, k);
-      }
-    }
-  } else if (activation_is_quantized(wt)) {
-    two_level_product(n_rows, x_stride, n_tokens, Y, ldy, scratch,
-                      [&](int64_t xs, int64_t n, float* y, int64_t ld) {
-                        matmul_rows_reference(wt, k, W, w_stride, n_rows, X, xs, n, y, ld);
-                      });
-  } else {
-    matmul_rows_reference(wt, k, W, w_stride, n_rows, X, x_stride, n_tokens, Y, ldy);
-  }
+  wide_product(true, wt, k, W, w_stride, n_rows, X, x_stride, n_tokens, Y, ldy, scratch);
 }
 
 }  // namespace lme

@@ -289,14 +289,11 @@ def run_profile(args: argparse.Namespace) -> int:
     if args.attention == "resa":
         # Whole cycles (f sparse steps, then the step that re-runs them): otherwise the timed
         # steps may hold no rectification and the breakdown would leave its cost out.
-        from lmengine.resa import ReSAConfig
+        from lmengine.resa import ReSAConfig, whole_cycles
 
-        cycle = ReSAConfig().rectify_every + 1  # the LLM below runs the default ReSAConfig
-        if args.steps % cycle:
-            rounded = -(-args.steps // cycle) * cycle
-            print(
-                f"[lmengine] resa: {args.steps} steps rounded up to {rounded} (whole cycles of {cycle})"
-            )
+        rounded = whole_cycles(args.steps, ReSAConfig())  # the LLM below runs the default config
+        if rounded != args.steps:
+            print(f"[lmengine] resa: {args.steps} steps rounded up to {rounded} (whole cycles)")
             args.steps = rounded
     span = args.context + args.steps + 3  # + the warm-up steps
     llm = LLM(

@@ -124,6 +124,14 @@ class ReSACycle:
         self.n_sparse = 0
 
 
+def whole_cycles(n_steps: int, config: ReSAConfig) -> int:
+    """n_steps rounded up to whole ReSA cycles: f sparse steps, then the step that re-runs those f
+    tokens with its new token (f + 1 steps, as ``ReSACycle`` feeds them). Timings over whole
+    cycles include the rectification's amortised cost."""
+    cycle = config.rectify_every + 1
+    return max(cycle, -(-n_steps // cycle) * cycle)
+
+
 def decode_teacher_forced(engine, seq: int, ids: np.ndarray, start: int, cycle: ReSACycle):
     """Feeds ``ids[start:]`` to sequence ``seq`` (which holds ``ids[:start]``) one decode token
     at a time, rectifying when ``cycle`` says so; returns their logits, float32
