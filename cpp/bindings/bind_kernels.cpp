@@ -325,11 +325,11 @@ py::array_t<float> attention_chunk(const py::array& q, const py::array& k, const
     }
     const int32_t group = static_cast<int32_t>(H / Hkv);
     lme::ChunkAttentionPlan plan;
-    lme::chunk_attention_plan_add(plan, order, 0, pos, static_cast<int32_t>(n), static_cast<int32_t>(Hkv),
+    lme::chunk_attention_plan_add(plan, order, 0, pos, static_cast<int32_t>(n), static_cast<int32_t>(Hkv), group,
                                   static_cast<int32_t>(page_size), static_cast<int32_t>(sliding_window),
                                   segment_keys);
     std::vector<float> scratch(static_cast<size_t>(lme::attention_chunk_scratch_floats(
-        lme::kChunkTileTokens * group, static_cast<int32_t>(page_size), static_cast<int32_t>(D))));
+        lme::chunk_tile_tokens(group) * group, static_cast<int32_t>(page_size), static_cast<int32_t>(D))));
     std::vector<float> partials(static_cast<size_t>(
         plan.n_partials * lme::chunk_attention_partial_floats(group, static_cast<int32_t>(D))));
     const lme::ChunkAttentionStep step = {qp, H * D, op, H * D, pos, group, 0, scale,

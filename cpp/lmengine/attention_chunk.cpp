@@ -23,26 +23,38 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 using attention_vec::page_scores;
 
-// o[r][c .. c+16) = alpha[r] * o[r][..] + sum_{j0 <= j <= j1} p[r][j] * v[j][..] for MR rows
-// (alpha null: 1), one 16-column block of head_dim at a time (MR x 2 accumulators).
+// The V side of one softmax block: its pages, and per page the slot range [j0, j1] some row
+// may use (empty when j0 > j1). Column j of page b is column b * ps + j of the score rows.
+struct PVBlock {
+  const float* v[8];
+  int64_t j0[8], j1[8];
+  int64_t n_pages;
+  int64_t ps;
+};
+
+// o[r][c .. c+16) = alpha[r] * o[r][..] + sum over the block's columns of p[r][col] * v[col][..]
+// for MR rows, one 16-column block of head_dim at a time (MR x 2 accumulators held in registers
+// across all pages of the softmax block, so o is loaded and stored once per block).
 template <int MR>
-inline void pv_rows(const float* p, int64_t ps, const float* alpha, const float* v, int64_t hd, int64_t j0,
-                    int64_t j1, float* o) {
+inline void pv_rows(const float* p, int64_t ldp, const float* alpha, const PVBlock& blk, int64_t hd, float* o) {
   for (int64_t c = 0; c < hd; c += 16) {
     v8f acc[MR][2];
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      const float a = alpha != nullptr ? alpha[r] : 1.0f;
-      acc[r][0] = a * load8(o + r * hd + c);
-      acc[r][1] = a * load8(o + r * hd + c + 8);
+      acc[r][0] = alpha[r] * load8(o + r * hd + c);
+      acc[r][1] = alpha[r] * load8(o + r * hd + c + 8);
     }
-    for (int64_t j = j0; j <= j1; ++j) {
-      const v8f v0 = load8(v + j * hd + c), v1 = load8(v + j * hd + c + 8);
+    for (int64_t b = 0; b < blk.n_pages; ++b) {
+      const float* v = blk.v[b];
+      const float* pb = p + b * blk.ps;
+      for (int64_t j = blk.j0[b]; j <= blk.j1[b]; ++j) {
+        const v8f v0 = load8(v + j * hd + c), v1 = load8(v + j * hd + c + 8);
 #pragma GCC unroll 8
-      for (int r = 0; r < MR; ++r) {
-        const float pj = p[r * ps + j];
-        acc[r][0] += pj * v0;
-        acc[r][1] += pj * v1;
+        for (int r = 0; r < MR; ++r) {
+          const float pj = pb[r * ldp + j];
+          acc[r][0] += pj * v0;
+          acc[r][1] += pj * v1;
+        }
       }
     }
     for (int r = 0; r < MR; ++r) {
@@ -52,27 +64,24 @@ inline void pv_rows(const float* p, int64_t ps, const float* alpha, const float*
   }
 }
 
-void page_pv(const float* p, int32_t rows, int64_t ps, const float* alpha, const float* v, int64_t hd,
-             int64_t j0, int64_t j1, float* o) {
+void block_pv(const float* p, int32_t rows, int64_t ldp, const float* alpha, const PVBlock& blk, int64_t hd,
+              float* o) {
   if (hd % 16 == 0) {
     int32_t r = 0;
-    for (; r + 6 <= rows; r += 6) {
-      pv_rows<6>(p + r * ps, ps, alpha != nullptr ? alpha + r : nullptr, v, hd, j0, j1, o + r * hd);
-    }
-    for (; r + 2 <= rows; r += 2) {
-      pv_rows<2>(p + r * ps, ps, alpha != nullptr ? alpha + r : nullptr, v, hd, j0, j1, o + r * hd);
-    }
-    for (; r < rows; ++r) pv_rows<1>(p + r * ps, ps, alpha != nullptr ? alpha + r : nullptr, v, hd, j0, j1, o + r * hd);
+    for (; r + 6 <= rows; r += 6) pv_rows<6>(p + r * ldp, ldp, alpha + r, blk, hd, o + r * hd);
+    for (; r + 2 <= rows; r += 2) pv_rows<2>(p + r * ldp, ldp, alpha + r, blk, hd, o + r * hd);
+    for (; r < rows; ++r) pv_rows<1>(p + r * ldp, ldp, alpha + r, blk, hd, o + r * hd);
     return;
   }
   for (int32_t r = 0; r < rows; ++r) {
     float* orow = o + r * hd;
-    if (alpha != nullptr) {
-      for (int64_t d = 0; d < hd; ++d) orow[d] *= alpha[r];
-    }
-    for (int64_t j = j0; j <= j1; ++j) {
-      const float pj = p[r * ps + j];
-      for (int64_t d = 0; d < hd; ++d) orow[d] += pj * v[j * hd + d];
+    for (int64_t d = 0; d < hd; ++d) orow[d] *= alpha[r];
+    for (int64_t b = 0; b < blk.n_pages; ++b) {
+      for (int64_t j = blk.j0[b]; j <= blk.j1[b]; ++j) {
+        const float pj = p[r * ldp + b * blk.ps + j];
+        const float* vj = blk.v[b] + j * hd;
+        for (int64_t d = 0; d < hd; ++d) orow[d] += pj * vj[d];
+      }
     }
   }
 }
@@ -127,6 +136,7 @@ float row_sum(const float* row, int64_t n) {
 
 // Pages per softmax block: the per-row bookkeeping (mask, max, rescale) is paid once per block.
 constexpr int64_t kBlockPages = 4;
+static_assert(kBlockPages <= 8, "PVBlock holds up to 8 pages");
 
 int64_t attention_chunk_scratch_floats(int32_t rows, int32_t page_size, int32_t head_dim) {
   const int64_t block = kBlockPages * page_size;
@@ -151,7 +161,7 @@ void attention_chunk_tile(const ChunkAttentionTile& t, KVCache& kv, float* scrat
   float* vbuf = kbuf + bw * hd;  // [kBlockPages][ps][hd] converted V rows
 
   // Per token: the keys it may see, [lo, hi]; the tile visits the union [kmin, kmax].
-  int64_t lo[kChunkTileTokens], hi[kChunkTileTokens];
+  int64_t lo[kChunkTileTokensMax], hi[kChunkTileTokensMax];
   int64_t kmin = std::numeric_limits<int64_t>::max(), kmax = -1;
   for (int32_t i = 0; i < t.n_q; ++i) {
     const int64_t pos = t.positions[i];
@@ -171,8 +181,8 @@ void attention_chunk_tile(const ChunkAttentionTile& t, KVCache& kv, float* scrat
   }
   std::fill(o, o + R * hd, 0.f);
 
-  const float* kt[kBlockPages];
-  const float* vp[kBlockPages];
+  const float* kt[kBlockPages] = {};
+  const float* vp[kBlockPages] = {};
   // Blocks sit at absolute multiples of bw (pages before kmin are skipped, their columns masked):
   // with the same block grid and lanes, a row's arithmetic does not depend on which other tokens
   // share its tile, so chunking a prompt differently changes no bit of an unsegmented row.
@@ -181,6 +191,12 @@ void attention_chunk_tile(const ChunkAttentionTile& t, KVCache& kv, float* scrat
     // Union of the rows' ranges within this block: every slot in it holds a written position.
     // Columns before jlo (skipped pages included) are masked for every row.
     const int64_t jlo = std::max(kmin, b0) - b0, jhi = std::min(kmax, b0 + n_pages * ps - 1) - b0;
+    // The next block's K/V pages are scattered over the pool (one block per page, layer and
+    // head): asking for them now overlaps their latency with this block's arithmetic.
+    for (int64_t p = b0 + bw; p <= std::min(kmax, b0 + 2 * bw - 1); p += ps) {
+      attention_vec::prefetch_block(kv.k_block(t.pages[p / ps], t.layer, t.head), kv.block_bytes());
+      attention_vec::prefetch_block(kv.v_block(t.pages[p / ps], t.layer, t.head), kv.block_bytes());
+    }
     for (int64_t b = 0; b < n_pages; ++b) {
       if (b0 + (b + 1) * ps <= kmin) continue;  // before every row's range: masked below
       const int32_t page = t.pages[(b0 + b * ps) / ps];
@@ -229,13 +245,15 @@ void attention_chunk_tile(const ChunkAttentionTile& t, KVCache& kv, float* scrat
     }
     exp_inplace(alpha, R);
     for (int32_t r = 0; r < R; ++r) l[r] = l[r] * alpha[r] + row_sum(s + r * bw, width);
-    bool rescaled = false;  // o is rescaled by alpha with the block's first page
+    PVBlock blk;
+    blk.n_pages = n_pages;
+    blk.ps = ps;
     for (int64_t b = 0; b < n_pages; ++b) {
-      const int64_t j0 = std::max<int64_t>(jlo - b * ps, 0), j1 = std::min<int64_t>(jhi - b * ps, ps - 1);
-      if (j0 > j1) continue;
-      page_pv(s + b * ps, R, bw, rescaled ? nullptr : alpha, vp[b], hd, j0, j1, o);
-      rescaled = true;
+      blk.v[b] = vp[b];
+      blk.j0[b] = std::max<int64_t>(jlo - b * ps, 0);
+      blk.j1[b] = std::min<int64_t>(jhi - b * ps, ps - 1);
     }
+    block_pv(s, R, bw, alpha, blk, hd, o);
   }
 
   for (int32_t r = 0; r < R; ++r) {
@@ -275,17 +293,20 @@ void attention_chunk_merge(const float* const* part_o, const float* const* part_
 }
 
 int64_t chunk_attention_partial_floats(int32_t group, int32_t head_dim) {
-  const int64_t rows = int64_t(kChunkTileTokens) * group;
+  const int64_t rows = int64_t(chunk_tile_tokens(group)) * group;
   return rows * head_dim + rows;
 }
 
 void chunk_attention_plan_add(ChunkAttentionPlan& plan, const int32_t* pages, int64_t t0,
-                              const int32_t* positions, int32_t n_tokens, int32_t n_kv_heads,
+                              const int32_t* positions, int32_t n_tokens, int32_t n_kv_heads, int32_t group,
                               int32_t page_size, int32_t sliding_window, int64_t min_segment_keys) {
-  const int32_t n_tiles = (n_tokens + kChunkTileTokens - 1) / kChunkTileTokens;
+  const int32_t max_tile = chunk_tile_tokens(group);
+  const int32_t n_tiles = (n_tokens + max_tile - 1) / max_tile;
+  const int32_t tile_len = (n_tokens + n_tiles - 1) / n_tiles;
   for (int32_t tile = 0; tile < n_tiles; ++tile) {
-    const int32_t a = tile * kChunkTileTokens;
-    const int32_t n_q = std::min(kChunkTileTokens, n_tokens - a);
+    const int32_t a = tile * tile_len;
+    const int32_t n_q = std::min(tile_len, n_tokens - a);
+    if (n_q <= 0) break;
     int64_t kmin = std::numeric_limits<int64_t>::max(), kmax = 0;
     for (int32_t i = a; i < a + n_q; ++i) {
       const int64_t pos = positions[i];
@@ -341,7 +362,7 @@ void chunk_attention_run_item(const ChunkAttentionPlan& plan, int64_t item, KVCa
   }
   // Partial slot: rows [R][hd] (token i's heads at i * group * hd), then lse[R].
   float* slot = partials + it.partial * chunk_attention_partial_floats(step.group, static_cast<int32_t>(hd));
-  const int64_t rows_max = int64_t(kChunkTileTokens) * step.group;
+  const int64_t rows_max = int64_t(chunk_tile_tokens(step.group)) * step.group;
   attention_chunk_tile(tile, kv, scratch, slot, step.group * hd, slot + rows_max * hd);
 }
 
@@ -349,7 +370,7 @@ void chunk_attention_run_merge(const ChunkAttentionPlan& plan, int64_t merge, in
                                const ChunkAttentionStep& step, const float* partials) {
   const ChunkAttentionMerge& mg = plan.merges[static_cast<size_t>(merge)];
   const int64_t slot_floats = chunk_attention_partial_floats(step.group, head_dim);
-  const int64_t rows_max = int64_t(kChunkTileTokens) * step.group;
+  const int64_t rows_max = int64_t(chunk_tile_tokens(step.group)) * step.group;
   const float* part_o[kChunkMaxSegments + 1];
   const float* part_lse[kChunkMaxSegments + 1];
   for (int32_t p = 0; p < mg.n_parts; ++p) {

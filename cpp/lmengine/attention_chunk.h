@@ -2,13 +2,13 @@
 //
 // attention_paged_one serves one query token: a chunk of n tokens would read the sequence's KV
 // pages n times and do matrix-vector work. Here one work item takes a tile of up to
-// kChunkTileTokens tokens x the `group` query heads of one KV head (R = tile * group rows) and
+// chunk_tile_tokens(group) tokens x the `group` query heads of one KV head (R = tile * group rows) and
 // walks the pages once with an online softmax (flash-attention style): per page, scores
 // S[R][page_size] = Q · K^T, running max / sum per row, O[R][head_dim] = alpha * O + P · V.
 //
 // Napkin math per (tile, KV head, key): 4 * R * head_dim FLOPs against 2 * head_dim * elem bytes
-// read, so with R = 48 (SmolLM2: 16 tokens x 3 heads) the kernel is compute-bound where one
-// decode token (R = 3) is bandwidth-bound.
+// read, so with R = 99 (a ReSA rectification chunk of SmolLM2: 33 tokens x 3 heads) the kernel
+// is compute-bound where one decode token (R = 3) is bandwidth-bound.
 //
 // Long contexts with few tiles are cut into key segments computed as separate work items, each
 // giving a normalised partial output and its log-sum-exp, merged afterwards. Which segments a
@@ -16,6 +16,7 @@
 // the thread count, so a token's result does not change with what else shares the step.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -23,7 +24,16 @@
 
 namespace lme {
 
-constexpr int32_t kChunkTileTokens = 16;
+// A tile holds at most kChunkTileRows rows (tokens x group heads) and kChunkTileTokensMax tokens:
+// 64 tokens at SmolLM2's group of 3, so a 33-token rectification chunk walks the keys once; fewer
+// tokens for larger groups, so the tile's queries, scores and running output stay in L2. Chunks
+// are cut into equal tiles (33 tokens at a 16-token limit: 11 + 11 + 11, not 16 + 16 + 1, whose
+// last pass would be a bandwidth-bound one-token pass).
+constexpr int32_t kChunkTileRows = 192;
+constexpr int32_t kChunkTileTokensMax = 64;
+inline int32_t chunk_tile_tokens(int32_t group) {
+  return std::clamp(kChunkTileRows / std::max(group, 1), 1, kChunkTileTokensMax);
+}
 // Chunks with at least this many tiles give every thread enough work without key segments.
 constexpr int32_t kChunkTilesWithoutSegments = 8;
 // Smallest key segment of a split tile (positions); at most kChunkMaxSegments per tile.
@@ -35,7 +45,7 @@ struct ChunkAttentionTile {
   const float* q;             // q[i * q_stride + g * head_dim + d], post-RoPE, unscaled
   int64_t q_stride;
   const int32_t* positions;   // [n_q] position of each tile token
-  int32_t n_q;                // 1 .. kChunkTileTokens
+  int32_t n_q;                // 1 .. chunk_tile_tokens(group)
   int32_t group;
   float scale;
   int32_t sliding_window;     // 0: attend to the whole prefix
@@ -100,10 +110,10 @@ struct ChunkAttentionPlan {
 // min_segment_keys: smallest key segment when the chunk has too few tiles to keep all threads
 // busy (kChunkSegmentKeys in the engine; tests pass small values to exercise the merge).
 void chunk_attention_plan_add(ChunkAttentionPlan& plan, const int32_t* pages, int64_t t0,
-                              const int32_t* positions, int32_t n_tokens, int32_t n_kv_heads,
+                              const int32_t* positions, int32_t n_tokens, int32_t n_kv_heads, int32_t group,
                               int32_t page_size, int32_t sliding_window, int64_t min_segment_keys);
 
-// Floats of one partial slot: kChunkTileTokens * group rows of head_dim outputs plus their lse.
+// Floats of one partial slot: chunk_tile_tokens(group) * group rows of head_dim outputs plus their lse.
 int64_t chunk_attention_partial_floats(int32_t group, int32_t head_dim);
 
 // Where the step's queries and outputs live. Token t, KV head h: q + t * q_stride + h * group *

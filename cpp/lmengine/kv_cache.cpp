@@ -1,6 +1,12 @@
 #include "lmengine/kv_cache.h"
 
+#include <cstdlib>
 #include <string>
+#include <utility>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "lmengine/kv_summaries.h"
 
@@ -8,15 +14,49 @@ namespace lme {
 
 int64_t kv_dtype_bytes(KVDType t) { return t == KVDType::F32 ? 4 : 2; }
 
+PoolMemory::PoolMemory(int64_t bytes) {
+  if (bytes <= 0) return;
+#if defined(__linux__)
+  void* p = mmap(nullptr, static_cast<size_t>(bytes), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) return;
+#if defined(MADV_HUGEPAGE)
+  madvise(p, static_cast<size_t>(bytes), MADV_HUGEPAGE);  // advice only: failure leaves 4 KiB pages
+#endif
+  ptr_ = static_cast<uint8_t*>(p);
+#else
+  ptr_ = static_cast<uint8_t*>(std::calloc(static_cast<size_t>(bytes), 1));
+#endif
+  if (ptr_ != nullptr) bytes_ = bytes;
+}
+
+PoolMemory::~PoolMemory() {
+  if (ptr_ == nullptr) return;
+#if defined(__linux__)
+  munmap(ptr_, static_cast<size_t>(bytes_));
+#else
+  std::free(ptr_);
+#endif
+}
+
+PoolMemory& PoolMemory::operator=(PoolMemory&& other) noexcept {
+  if (this != &other) {
+    PoolMemory old(std::move(*this));
+    ptr_ = other.ptr_;
+    bytes_ = other.bytes_;
+    other.ptr_ = nullptr;
+    other.bytes_ = 0;
+  }
+  return *this;
+}
+
 KVCache::KVCache(const KVCacheConfig& config)
     : config_(config),
       block_elems_(static_cast<int64_t>(config.page_size) * config.head_dim) {
   const int64_t bytes = config_.n_pages * config_.n_layers * config_.n_kv_heads * block_bytes();
-  k_pool_.reset(static_cast<uint8_t*>(std::calloc(static_cast<size_t>(bytes), 1)));
-  v_pool_.reset(static_cast<uint8_t*>(std::calloc(static_cast<size_t>(bytes), 1)));
+  k_pool_ = PoolMemory(bytes);
+  v_pool_ = PoolMemory(bytes);
   if (config_.block_summaries) {
-    const int64_t n = config_.n_pages * config_.n_layers * config_.n_kv_heads * summary_bytes();
-    summary_pool_.reset(static_cast<uint8_t*>(std::calloc(static_cast<size_t>(n), 1)));
+    summary_pool_ = PoolMemory(config_.n_pages * config_.n_layers * config_.n_kv_heads * summary_bytes());
   }
   free_list_.reserve(static_cast<size_t>(config_.n_pages));
   // Hand out low page numbers first: pop_back takes from the end.

@@ -13,6 +13,7 @@
 // block-sparse attention's selection (kv_summaries.h keeps it up to date).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
@@ -34,6 +35,32 @@ struct KVCacheConfig {
   int64_t n_pages = 0;
   KVDType dtype = KVDType::F32;
   bool block_summaries = false;
+};
+
+// Zeroed memory for one pool: an anonymous mapping the OS fills lazily, so resident memory grows
+// with the positions used, not with the pool's size. On Linux it is marked for transparent huge
+// pages: a (page, layer, head) block is 1-4 KiB and consecutive pages of one layer and head are
+// n_layers * n_kv_heads blocks apart, so with 4 KiB pages every block a long-context attention
+// reads would cost its own TLB miss and page walk.
+class PoolMemory {
+ public:
+  PoolMemory() = default;
+  explicit PoolMemory(int64_t bytes);
+  ~PoolMemory();
+  PoolMemory(PoolMemory&& other) noexcept : ptr_(other.ptr_), bytes_(other.bytes_) {
+    other.ptr_ = nullptr;
+    other.bytes_ = 0;
+  }
+  PoolMemory& operator=(PoolMemory&& other) noexcept;
+  PoolMemory(const PoolMemory&) = delete;
+  PoolMemory& operator=(const PoolMemory&) = delete;
+  uint8_t* get() const { return ptr_; }
+  bool operator==(std::nullptr_t) const { return ptr_ == nullptr; }
+  bool operator!=(std::nullptr_t) const { return ptr_ != nullptr; }
+
+ private:
+  uint8_t* ptr_ = nullptr;
+  int64_t bytes_ = 0;
 };
 
 class KVCache {
@@ -99,11 +126,7 @@ class KVCache {
 
   KVCacheConfig config_;
   int64_t block_elems_;
-  // calloc'd: the OS maps zero pages lazily, so resident memory grows with the positions used,
-  // not with the pool's size.
-  std::unique_ptr<uint8_t, void (*)(void*)> k_pool_{nullptr, std::free};
-  std::unique_ptr<uint8_t, void (*)(void*)> v_pool_{nullptr, std::free};
-  std::unique_ptr<uint8_t, void (*)(void*)> summary_pool_{nullptr, std::free};
+  PoolMemory k_pool_, v_pool_, summary_pool_;
   std::vector<int32_t> free_list_;
   std::vector<SeqState> seqs_;
   std::vector<int32_t> free_seq_ids_;

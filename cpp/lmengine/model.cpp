@@ -304,7 +304,7 @@ void Engine::ensure_scratch(int64_t n_tokens, int64_t n_out, int64_t max_ctx) {
     S.kv_tmp.assign(int64_t(pool_.size()) * 2 * kv_.config().page_size * c.head_dim, 0.f);
   }
   if (S.chunk_tmp.empty()) {
-    const int32_t rows = kChunkTileTokens * (c.n_heads / c.n_kv_heads);
+    const int32_t group = c.n_heads / c.n_kv_heads, rows = chunk_tile_tokens(group) * group;
     S.chunk_tmp_len = attention_chunk_scratch_floats(rows, kv_.config().page_size, c.head_dim);
     S.chunk_tmp.assign(pool_.size() * S.chunk_tmp_len, 0.f);
   }
@@ -454,7 +454,8 @@ Status Engine::step(const std::vector<StepSequence>& batch, float* logits) {
     for (int64_t b = 0, t0 = 0; b < static_cast<int64_t>(batch.size()); t0 += batch[b].n_tokens, ++b) {
       if (batch[b].n_tokens == 1) continue;
       chunk_attention_plan_add(plan, kv_.seq_pages(batch[b].seq).data(), t0, &S.tok_pos[t0], batch[b].n_tokens,
-                               c.n_kv_heads, kv_.config().page_size, window, kChunkSegmentKeys);
+                               c.n_kv_heads, c.n_heads / c.n_kv_heads, kv_.config().page_size, window,
+                               kChunkSegmentKeys);
     }
     max_partials = std::max(max_partials, plan.n_partials);
   }
