@@ -14,6 +14,7 @@
 
 #include "lmengine/attention.h"
 #include "lmengine/attention_chunk.h"
+#include "lmengine/attention_sparse.h"
 #include "lmengine/kv_cache.h"
 #include "lmengine/ops.h"
 
@@ -235,12 +236,17 @@ py::array_t<float> attention_paged(const py::array& q, const py::array& k, const
       lme::kv_store_token(cache, order[t / page_size], 0, 0, t % page_size, stale.data(),
                           stale.data());
     }
-    const int64_t stride = L + page_size;  // attention_paged_one needs >= context + page_size
-    std::vector<float> scores(static_cast<size_t>(group * stride));
-    std::vector<float> kv_buf(static_cast<size_t>(2 * page_size * D));
-    const lme::AttentionScratch scratch = {scores.data(), stride, kv_buf.data()};
-    lme::attention_paged_one(qp, static_cast<int32_t>(group), scale, cache, order, 0, 0, lo, L - 1,
-                             scratch, op);
+    // The engine's decode kernel over all pages from lo's on (unsplit), then normalised.
+    const int64_t b0 = lo / page_size;
+    std::vector<int32_t> blocks(static_cast<size_t>(n_logical - b0));
+    for (size_t i = 0; i < blocks.size(); ++i) blocks[i] = static_cast<int32_t>(b0 + static_cast<int64_t>(i));
+    std::vector<float> work(static_cast<size_t>(lme::attention_partial_work_floats(
+        static_cast<int32_t>(group), static_cast<int32_t>(page_size), static_cast<int32_t>(D))));
+    std::vector<float> m(static_cast<size_t>(group)), l(static_cast<size_t>(group));
+    lme::attention_sparse_partial(qp, static_cast<int32_t>(group), scale, cache, order, 0, 0, blocks.data(),
+                                  static_cast<int32_t>(blocks.size()), lo, L - 1, work.data(), op, m.data(),
+                                  l.data());
+    lme::attention_partial_normalize(op, l.data(), static_cast<int32_t>(group), static_cast<int32_t>(D));
   }
   return out;
 }

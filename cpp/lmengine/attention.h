@@ -1,4 +1,5 @@
-// Dense causal attention of one query token over a sequence's KV pages.
+// Writing K/V into the paged cache. (The decode kernel, dense and block-sparse, is
+// attention_sparse_partial in attention_sparse.h; multi-token chunks use attention_chunk.h.)
 //
 // Page layout (see kv_cache.h): within one (page, layer, head) block, K is stored transposed,
 // [head_dim][page_size], so the scores of a whole page are page_size-wide vector FMAs
@@ -12,18 +13,6 @@
 #include "lmengine/kv_cache.h"
 
 namespace lme {
-
-struct AttentionScratch {
-  float* scores;   // [group][scores_stride]
-  int64_t scores_stride;  // >= context + page_size
-  float* kv_buf;   // 2 * page_size * head_dim floats (conversion of fp16/bf16 pages)
-};
-
-// out[g][:] = softmax(scale * q[g] . K[lo..pos]) . V[lo..pos] for the `group` query heads that
-// share KV head `head`. pages: the sequence's page table. q, out: [group][head_dim].
-void attention_paged_one(const float* q, int32_t group, float scale, KVCache& kv, const int32_t* pages,
-                         int32_t layer, int32_t head, int64_t lo, int64_t pos, const AttentionScratch& scratch,
-                         float* out);
 
 // Writes one token's K and V head vectors (fp32) at `slot` of a page block, in the cache's dtype
 // and layout.

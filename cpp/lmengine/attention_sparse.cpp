@@ -19,19 +19,6 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 using attention_vec::kv_block_f32;
 using attention_vec::load8;
 using attention_vec::v8f;
-using attention_vec::weighted_rows;
-
-void accumulate_rows(const float* p, const float* v, int64_t n, int64_t hd, float* out) {
-  if (hd == 64) {
-    weighted_rows<64>(p, v, n, out);
-  } else if (hd == 128) {
-    weighted_rows<128>(p, v, n, out);
-  } else {
-    for (int64_t j = 0; j < n; ++j) {
-      for (int64_t d = 0; d < hd; ++d) out[d] += p[j] * v[j * hd + d];
-    }
-  }
-}
 
 }  // namespace
 
@@ -59,7 +46,6 @@ int64_t sparse_blocks_kept(const SparseAttentionConfig& c, int64_t n_blocks) {
 namespace {
 
 constexpr int64_t kSummaryPrefetch = 4;
-constexpr int32_t kBlockPrefetch = 2;
 constexpr int64_t kMaxSummaryHeadDim = 4096;  // validate_model caps head_dim here
 
 // sum_d max(q[d] * mn[d], q[d] * mx[d]) in 8 lanes (fp32; one serial chain over d was latency
@@ -122,56 +108,105 @@ int32_t sparse_select_blocks(const SparseAttentionConfig& c, const float* q, int
   return static_cast<int32_t>(n_keep);
 }
 
-void attention_sparse_partial(const float* q, int32_t group, float scale, KVCache& kv, const int32_t* pages,
-                              int32_t layer, int32_t head, const int32_t* blocks, int32_t n_blocks, int64_t lo,
-                              int64_t pos, float* work, float* out, float* m, float* l) {
+int64_t attention_partial_work_floats(int32_t group, int32_t page_size, int32_t head_dim) {
+  return int64_t(group) * (int64_t(kPartialPages) * page_size + 1);
+}
+
+namespace {
+
+// attention_sparse_partial for pool elements of type T (float, Half, BHalf), read in place.
+template <typename T>
+void sparse_partial(const float* q, int32_t group, float scale, KVCache& kv, const int32_t* pages, int32_t layer,
+                    int32_t head, const int32_t* blocks, int32_t n_blocks, int64_t lo, int64_t pos, float* work,
+                    float* out, float* m, float* l) {
   const KVCacheConfig& c = kv.config();
-  const int64_t hd = c.head_dim, ps = c.page_size;
-  const int32_t dt = static_cast<int32_t>(c.dtype);
-  float* kbuf = work;
-  float* vbuf = work + ps * hd;
-  float* sc = work + 2 * ps * hd;  // [group][ps]
+  const int64_t hd = c.head_dim, ps = c.page_size, bw = kPartialPages * ps;
+  const int64_t block_bytes = kv.block_bytes();
+  float* s = work;                // [group][bw] scores of the step's pages, then probabilities
+  float* alpha = s + group * bw;  // [group] rescale of out and l
   std::fill(out, out + int64_t(group) * hd, 0.f);
   for (int32_t g = 0; g < group; ++g) {
     m[g] = kNegInf;
     l[g] = 0.f;
   }
-  for (int32_t bi = 0; bi < n_blocks; ++bi) {
-    const int64_t p0 = int64_t(blocks[bi]) * ps;
-    const int64_t j0 = std::max(p0, lo) - p0, j1 = std::min(p0 + ps - 1, pos) - p0;  // valid slots
-    if (j0 > j1) continue;
-    const int32_t page = pages[blocks[bi]];
-    if (bi + kBlockPrefetch < n_blocks) {  // a later block's K and V arrive while this one is computed
-      const int32_t next = pages[blocks[bi + kBlockPrefetch]];
-      attention_vec::prefetch_block(kv.k_block(next, layer, head), kv.block_bytes());
-      attention_vec::prefetch_block(kv.v_block(next, layer, head), kv.block_bytes());
+  // kPartialPages pages per online-softmax step: the per-row bookkeeping (max, rescale of out,
+  // sum) is paid once per step, and the weighted sum over V keeps its accumulators in registers
+  // across the step's pages.
+  for (int32_t i0 = 0; i0 < n_blocks; i0 += kPartialPages) {
+    const int32_t np = std::min<int32_t>(kPartialPages, n_blocks - i0);
+    // The next step's K/V blocks: asked for now, they arrive while this step computes.
+    for (int32_t b = i0 + kPartialPages; b < std::min<int32_t>(n_blocks, i0 + 2 * kPartialPages); ++b) {
+      attention_vec::prefetch_block(kv.k_block(pages[blocks[b]], layer, head), block_bytes);
+      attention_vec::prefetch_block(kv.v_block(pages[blocks[b]], layer, head), block_bytes);
     }
-    const float* kt = kv_block_f32(kv.k_block(page, layer, head), dt, kbuf, ps * hd);
-    const float* vp = kv_block_f32(kv.v_block(page, layer, head), dt, vbuf, (j1 + 1) * hd);
-    const int64_t n = j1 - j0 + 1;
-    attention_vec::page_scores(q, group, hd, kt, ps, sc, ps);  // the group's heads in one pass
+    attention_vec::PVBlockT<T> blk;
+    blk.n_pages = np;
+    blk.ps = ps;
+    int64_t n_valid = 0;
+    for (int32_t b = 0; b < np; ++b) {
+      const int64_t p0 = int64_t(blocks[i0 + b]) * ps;
+      const int64_t j0 = std::max(p0, lo) - p0, j1 = std::min(p0 + ps - 1, pos) - p0;  // valid slots
+      const int32_t page = pages[blocks[i0 + b]];
+      blk.v[b] = reinterpret_cast<const T*>(kv.v_block(page, layer, head));
+      blk.j0[b] = j0;
+      blk.j1[b] = j1;
+      if (j0 > j1) {
+        for (int32_t g = 0; g < group; ++g) std::fill(s + g * bw + b * ps, s + g * bw + (b + 1) * ps, kNegInf);
+        continue;
+      }
+      n_valid += j1 - j0 + 1;
+      // The group's heads in one pass over the K page.
+      attention_vec::page_scores(q, group, hd, reinterpret_cast<const T*>(kv.k_block(page, layer, head)), ps,
+                                 s + b * ps, bw);
+      if (j0 > 0 || j1 < ps - 1) {  // slots outside [lo, pos] (stale, NaN included) drop out
+        for (int32_t g = 0; g < group; ++g) {
+          float* row = s + g * bw + b * ps;
+          for (int64_t j = 0; j < j0; ++j) row[j] = kNegInf;
+          for (int64_t j = j1 + 1; j < ps; ++j) row[j] = kNegInf;
+        }
+      }
+    }
+    if (n_valid == 0) continue;
+    const int64_t width = int64_t(np) * ps;
     for (int32_t g = 0; g < group; ++g) {
-      float* s = sc + int64_t(g) * ps;
-      float bmax = kNegInf;
-      for (int64_t j = j0; j <= j1; ++j) {
-        s[j] *= scale;
-        bmax = std::max(bmax, s[j]);
-      }
-      const float m_new = std::max(m[g], bmax);
-      float* og = out + int64_t(g) * hd;
-      if (m[g] != m_new && l[g] > 0.f) {
-        const float alpha = std::exp(m[g] - m_new);
-        for (int64_t d = 0; d < hd; ++d) og[d] *= alpha;
-        l[g] *= alpha;
-      }
+      float* row = s + g * bw;
+      const float m_new = std::max(m[g], attention_vec::row_scale_max(row, width, scale));
+      alpha[g] = m[g] - m_new;  // -inf before the first keys: exp gives 0
+      for (int64_t j = 0; j < width; ++j) row[j] -= m_new;
       m[g] = m_new;
-      for (int64_t j = j0; j <= j1; ++j) s[j] -= m_new;
-      exp_inplace(s + j0, n);
-      float sum = 0.f;
-      for (int64_t j = j0; j <= j1; ++j) sum += s[j];
-      l[g] += sum;
-      accumulate_rows(s + j0, vp + j0 * hd, n, hd, og);
     }
+    if (width == bw) {
+      exp_inplace(s, group * bw);
+    } else {
+      for (int32_t g = 0; g < group; ++g) exp_inplace(s + g * bw, width);
+    }
+    exp_inplace(alpha, group);
+    for (int32_t g = 0; g < group; ++g) l[g] = l[g] * alpha[g] + attention_vec::row_sum(s + g * bw, width);
+    attention_vec::block_pv(s, group, bw, alpha, blk, hd, out);
+  }
+}
+
+}  // namespace
+
+void attention_sparse_partial(const float* q, int32_t group, float scale, KVCache& kv, const int32_t* pages,
+                              int32_t layer, int32_t head, const int32_t* blocks, int32_t n_blocks, int64_t lo,
+                              int64_t pos, float* work, float* out, float* m, float* l) {
+  switch (kv.config().dtype) {
+    case KVDType::F32:
+      return sparse_partial<float>(q, group, scale, kv, pages, layer, head, blocks, n_blocks, lo, pos, work, out, m, l);
+    case KVDType::F16:
+      return sparse_partial<attention_vec::Half>(q, group, scale, kv, pages, layer, head, blocks, n_blocks, lo, pos,
+                                                 work, out, m, l);
+    case KVDType::BF16:
+      return sparse_partial<attention_vec::BHalf>(q, group, scale, kv, pages, layer, head, blocks, n_blocks, lo,
+                                                  pos, work, out, m, l);
+  }
+}
+
+void attention_partial_normalize(float* out, const float* l, int32_t group, int32_t head_dim) {
+  for (int32_t g = 0; g < group; ++g) {
+    const float inv = l[g] > 0.f ? 1.0f / l[g] : 0.f;
+    for (int32_t d = 0; d < head_dim; ++d) out[int64_t(g) * head_dim + d] *= inv;
   }
 }
 
@@ -249,8 +284,8 @@ void BlockSparseDecode::finish_plan(int n_threads) {
   grow(part_out_, n_items * n_splits_ * group_ * head_dim_);
   grow(part_m_, n_items * n_splits_ * group_);
   grow(part_l_, n_items * n_splits_ * group_);
-  thread_scratch_len_ = std::max<int64_t>(thread_scratch_len_, head_dim_ + cap_blocks_ + 2 * int64_t(page_size_) * head_dim_ +
-                                                                   int64_t(group_) * page_size_);
+  thread_scratch_len_ = std::max<int64_t>(
+      thread_scratch_len_, head_dim_ + cap_blocks_ + attention_partial_work_floats(group_, page_size_, head_dim_));
   grow(thread_scratch_, n_threads * thread_scratch_len_);
 }
 

@@ -43,12 +43,23 @@ int32_t sparse_select_blocks(const SparseAttentionConfig& c, const float* q, int
                              KVCache& kv, const int32_t* pages, int32_t layer, int32_t head, int64_t lo,
                              int64_t pos, float* q_mean, float* scores, int32_t* blocks);
 
-// Partial attention of the group over the listed logical blocks, masked to positions [lo, pos]:
-// out[g] = sum_j exp(s_gj - m[g]) V_j (unnormalised), l[g] = sum_j exp(s_gj - m[g]), s = scale q.k.
-// An empty list gives m = -inf, l = 0, out = 0. work: 2 * page_size * head_dim + group * page_size.
+// Pages per online-softmax step of attention_sparse_partial.
+constexpr int32_t kPartialPages = 4;
+
+// Floats of the work buffer attention_sparse_partial needs.
+int64_t attention_partial_work_floats(int32_t group, int32_t page_size, int32_t head_dim);
+
+// Partial attention of the group over the listed logical blocks (ascending), masked to positions
+// [lo, pos]: out[g] = sum_j exp(s_gj - m[g]) V_j (unnormalised), l[g] = sum_j exp(s_gj - m[g]),
+// s = scale q.k. An empty list gives m = -inf, l = 0, out = 0. This is the CPU decode kernel of
+// every single-token attention, dense (all blocks, or a split's share) and block-sparse.
+// work: attention_partial_work_floats(group, page_size, head_dim).
 void attention_sparse_partial(const float* q, int32_t group, float scale, KVCache& kv, const int32_t* pages,
                               int32_t layer, int32_t head, const int32_t* blocks, int32_t n_blocks, int64_t lo,
                               int64_t pos, float* work, float* out, float* m, float* l);
+
+// out[g] /= l[g] (0 where l[g] is 0): an unsplit partial becomes the attention output.
+void attention_partial_normalize(float* out, const float* l, int32_t group, int32_t head_dim);
 
 // Merges n_parts partials ([part][group][head_dim] outputs, [part][group] maxima and sums) into
 // out [group][head_dim].

@@ -52,12 +52,10 @@ PoolMemory& PoolMemory::operator=(PoolMemory&& other) noexcept {
 KVCache::KVCache(const KVCacheConfig& config)
     : config_(config),
       block_elems_(static_cast<int64_t>(config.page_size) * config.head_dim) {
-  const int64_t bytes = config_.n_pages * config_.n_layers * config_.n_kv_heads * block_bytes();
-  k_pool_ = PoolMemory(bytes);
-  v_pool_ = PoolMemory(bytes);
-  if (config_.block_summaries) {
-    summary_pool_ = PoolMemory(config_.n_pages * config_.n_layers * config_.n_kv_heads * summary_bytes());
-  }
+  const int64_t blocks = allocated_pages() * config_.n_layers * config_.n_kv_heads;
+  k_pool_ = PoolMemory(blocks * block_bytes());
+  v_pool_ = PoolMemory(blocks * block_bytes());
+  if (config_.block_summaries) summary_pool_ = PoolMemory(blocks * summary_bytes());
   free_list_.reserve(static_cast<size_t>(config_.n_pages));
   // Hand out low page numbers first: pop_back takes from the end.
   for (int64_t p = config_.n_pages - 1; p >= 0; --p) free_list_.push_back(static_cast<int32_t>(p));

@@ -148,7 +148,7 @@ Status validate_model(const ModelConfig& c, const ModelWeights& w) {
 
 // Per-step working memory, grown on demand and reused: steady-state steps allocate nothing.
 struct Engine::Scratch {
-  int64_t cap_tokens = 0, cap_out = 0, cap_ctx = 0;
+  int64_t cap_tokens = 0, cap_out = 0;
   std::vector<float> x, xn, q, k, v, attn, gate, up, proj;
   std::vector<uint8_t> act[3];  // activations converted for up to 3 weight types at once
   int64_t act_slot_bytes = 0;
@@ -156,22 +156,21 @@ struct Engine::Scratch {
   std::vector<int64_t> out_tok;
   std::vector<float> rope_cos, rope_sin;  // [token][head_dim/2]
   std::vector<float> rope_cos_local, rope_sin_local;  // the same for rope_inv_freq_local
-  std::vector<float> scores;              // [thread][group][ctx]
-  std::vector<float> kv_tmp;              // [thread][2][page_size*head_dim]
   std::vector<float> row_tmp;             // [thread][widest row]: residual quantization
   std::vector<float> mm_tmp;              // [thread][2*tokens][rows per chunk]: two-level products
   int64_t row_tmp_len = 0, mm_tmp_len = 0;
   MoEDispatch moe;  // MoE layers' routing and expert scratch
   // Multi-token chunks: query-tiled attention work plans (attention_chunk.h), one per distinct
-  // sliding window of the layers (Gemma 3: local and global); single tokens keep
-  // attention_paged_one.
+  // sliding window of the layers (Gemma 3: local and global); single tokens take
+  // attention_sparse_partial over all their blocks or a split's share of them.
   std::vector<std::pair<int32_t, ChunkAttentionPlan>> chunk_plans;  // (window, plan)
   std::vector<float> chunk_tmp;       // [thread][attention_chunk_scratch_floats]
   std::vector<float> chunk_partials;  // [partial slot][chunk_attention_partial_floats]
   std::vector<int64_t> single_tokens;  // step tokens that are a sequence's only new token
   // Dense single-token attention items of this step: (index into single_tokens, KV head, split,
-  // splits); items of split tokens write partials [item][group*head_dim] and [item][group] x 2,
-  // merged per (token, head) by the entries of split_merges (first item, splits).
+  // splits); every item keeps its max and sum in [item][group] x 2; items of split tokens write
+  // partial outputs [item][group*head_dim], merged per (token, head) by the entries of
+  // split_merges (first item, splits); an unsplit item writes its output in place.
   struct DecodeItem {
     int32_t single, head, split, n_split;
   };
@@ -179,7 +178,8 @@ struct Engine::Scratch {
   std::vector<std::pair<int64_t, int32_t>> split_merges;
   std::vector<float> split_out, split_m, split_l;
   std::vector<int32_t> block_iota;  // 0, 1, 2, ...: the block list of a dense split
-  std::vector<float> split_work;    // [thread][2*page_size*head_dim + group*page_size]
+  std::vector<float> split_work;    // [thread][split_work_len]
+  int64_t split_work_len = 0;
   int64_t chunk_tmp_len = 0;
   ChunkAttentionPlan& plan_for_window(int32_t window) {
     for (auto& [w, plan] : chunk_plans) {
@@ -239,7 +239,7 @@ int64_t Engine::output_rows(const std::vector<StepSequence>& batch) {
   return n;
 }
 
-void Engine::ensure_scratch(int64_t n_tokens, int64_t n_out, int64_t max_ctx) {
+void Engine::ensure_scratch(int64_t n_tokens, int64_t n_out) {
   Scratch& S = *scratch_;
   const ModelConfig& c = config_;
   if (n_tokens > S.cap_tokens) {
@@ -293,16 +293,6 @@ void Engine::ensure_scratch(int64_t n_tokens, int64_t n_out, int64_t max_ctx) {
     S.out_tok.assign(n_out, 0);
     S.out_f32.assign(n_out, 0);
   }
-  // Scores are indexed from the start of the first page touched and a page is scored whole:
-  // the row needs max_ctx plus one page of slack.
-  if (max_ctx + kv_.config().page_size > S.cap_ctx) {
-    int64_t cap = 256;
-    while (cap < max_ctx) cap *= 2;  // grow geometrically: decode adds one position per step
-    S.cap_ctx = cap + kv_.config().page_size;
-    const int64_t g = c.n_heads / c.n_kv_heads;
-    S.scores.assign(int64_t(pool_.size()) * g * S.cap_ctx, 0.f);
-    S.kv_tmp.assign(int64_t(pool_.size()) * 2 * kv_.config().page_size * c.head_dim, 0.f);
-  }
   if (S.chunk_tmp.empty()) {
     const int32_t group = c.n_heads / c.n_kv_heads, rows = chunk_tile_tokens(group) * group;
     S.chunk_tmp_len = attention_chunk_scratch_floats(rows, kv_.config().page_size, c.head_dim);
@@ -332,9 +322,10 @@ void Engine::plan_decode_splits() {
       }
     }
   }
-  if (S.split_merges.empty()) return;
   const size_t n_items = S.decode_items.size();
-  if (S.split_out.size() < n_items * group * c.head_dim) S.split_out.resize(n_items * group * c.head_dim);
+  if (!S.split_merges.empty() && S.split_out.size() < n_items * group * c.head_dim) {
+    S.split_out.resize(n_items * group * c.head_dim);
+  }
   if (S.split_m.size() < n_items * group) {
     S.split_m.resize(n_items * group);
     S.split_l.resize(n_items * group);
@@ -344,7 +335,8 @@ void Engine::plan_decode_splits() {
     S.block_iota.resize(static_cast<size_t>(max_pages));
     for (size_t b = old; b < S.block_iota.size(); ++b) S.block_iota[b] = static_cast<int32_t>(b);
   }
-  const size_t work = static_cast<size_t>(pool_.size() * (2 * ps * c.head_dim + group * ps));
+  S.split_work_len = attention_partial_work_floats(static_cast<int32_t>(group), static_cast<int32_t>(ps), c.head_dim);
+  const size_t work = static_cast<size_t>(pool_.size() * S.split_work_len);
   if (S.split_work.size() < work) S.split_work.resize(work);
 }
 
@@ -352,7 +344,7 @@ Status Engine::step(const std::vector<StepSequence>& batch, float* logits) {
   const ModelConfig& c = config_;
   if (batch.empty()) return Status::Error(StatusCode::kInvalidArgument, "empty batch");
   std::unordered_set<int32_t> seen;
-  int64_t n_tokens = 0, max_ctx = 0, pages_needed = 0;
+  int64_t n_tokens = 0, pages_needed = 0;
   for (const auto& s : batch) {
     if (!kv_.seq_valid(s.seq)) {
       return Status::Error(StatusCode::kInvalidArgument, "unknown sequence id " + std::to_string(s.seq));
@@ -383,7 +375,6 @@ Status Engine::step(const std::vector<StepSequence>& batch, float* logits) {
     }
     pages_needed += kv_.pages_for(new_len) - static_cast<int64_t>(kv_.seq_pages(s.seq).size());
     n_tokens += s.n_tokens;
-    max_ctx = std::max(max_ctx, new_len);
   }
   if (pages_needed > kv_.free_pages()) {
     return Status::Error(StatusCode::kOutOfPages,
@@ -396,7 +387,7 @@ Status Engine::step(const std::vector<StepSequence>& batch, float* logits) {
     if (!st.ok()) return st;  // cannot happen after the check above
   }
 
-  ensure_scratch(n_tokens, output_rows(batch), max_ctx);
+  ensure_scratch(n_tokens, output_rows(batch));
   Scratch& S = *scratch_;
   int64_t t = 0, o = 0;
   const int32_t half = c.head_dim / 2;
@@ -731,24 +722,19 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
       const int32_t seq = batch[S.tok_seq[t]].seq;
       const int64_t pos = S.tok_pos[t];
       const int64_t lo = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
-      if (item.n_split > 1) {
-        // This split's share of the token's pages, clipped to the layer's window.
-        const int64_t n_pages = pos / page_size + 1;
-        const int64_t b0 = std::max(n_pages * item.split / item.n_split, lo / page_size);
-        const int64_t b1 = n_pages * (item.split + 1) / item.n_split;
-        const int64_t gw = group * hd;
-        float* work = &S.split_work[int64_t(pc.tid()) * (2 * page_size * hd + group * page_size)];
-        attention_sparse_partial(&S.q[t * q_dim + int64_t(h) * gw], static_cast<int32_t>(group), c.attn_scale, kv_,
-                                 kv_.seq_pages(seq).data(), l, h, S.block_iota.data() + std::min(b0, b1),
-                                 static_cast<int32_t>(std::max<int64_t>(0, b1 - b0)), lo, pos, work,
-                                 &S.split_out[i0 * gw], &S.split_m[i0 * group], &S.split_l[i0 * group]);
-        return;
-      }
-      const AttentionScratch scratch = {&S.scores[int64_t(pc.tid()) * group * S.cap_ctx], S.cap_ctx,
-                                        &S.kv_tmp[int64_t(pc.tid()) * 2 * page_size * hd]};
-      attention_paged_one(&S.q[t * q_dim + int64_t(h) * group * hd], static_cast<int32_t>(group), c.attn_scale,
-                          kv_, kv_.seq_pages(seq).data(), l, h, lo, pos, scratch,
-                          &S.attn[t * q_dim + int64_t(h) * group * hd]);
+      // This item's share of the token's pages (all of them unsplit), clipped to the layer's window.
+      const int64_t n_pages = pos / page_size + 1;
+      const int64_t b0 = std::max(n_pages * item.split / item.n_split, lo / page_size);
+      const int64_t b1 = n_pages * (item.split + 1) / item.n_split;
+      const int64_t gw = group * hd;
+      float* dst = item.n_split > 1 ? &S.split_out[i0 * gw] : &S.attn[t * q_dim + int64_t(h) * gw];
+      float* mx = &S.split_m[i0 * group];
+      float* sum = &S.split_l[i0 * group];
+      attention_sparse_partial(&S.q[t * q_dim + int64_t(h) * gw], static_cast<int32_t>(group), c.attn_scale, kv_,
+                               kv_.seq_pages(seq).data(), l, h, S.block_iota.data() + std::min(b0, b1),
+                               static_cast<int32_t>(std::max<int64_t>(0, b1 - b0)), lo, pos,
+                               &S.split_work[int64_t(pc.tid()) * S.split_work_len], dst, mx, sum);
+      if (item.n_split == 1) attention_partial_normalize(dst, sum, static_cast<int32_t>(group), static_cast<int32_t>(hd));
     });
     if (!chunk_plan.merges.empty()) {
       pc.for_chunks(static_cast<int64_t>(chunk_plan.merges.size()), 1, [&](int64_t i0, int64_t) {

@@ -163,7 +163,7 @@ class Engine {
   struct Scratch;
   void forward(ParallelContext& pc, const std::vector<StepSequence>& batch, float* logits);
   void plan_decode_splits();  // dense single-token attention items of the step (model.cpp)
-  void ensure_scratch(int64_t n_tokens, int64_t n_out, int64_t max_ctx);
+  void ensure_scratch(int64_t n_tokens, int64_t n_out);
 
   ModelConfig config_;
   ModelWeights weights_;
