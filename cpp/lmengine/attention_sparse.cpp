@@ -114,6 +114,10 @@ int64_t attention_partial_work_floats(int32_t group, int32_t page_size, int32_t 
 
 namespace {
 
+// Blocks ahead whose K/V a step requests (one block per block computed): selected blocks lie
+// anywhere in the pool, and even a dense walk only streams within a page group.
+constexpr int32_t kPrefetchAhead = 8;
+
 // attention_sparse_partial for pool elements of type T (float, Half, BHalf), read in place.
 template <typename T>
 void sparse_partial(const float* q, int32_t group, float scale, KVCache& kv, const int32_t* pages, int32_t layer,
@@ -134,11 +138,6 @@ void sparse_partial(const float* q, int32_t group, float scale, KVCache& kv, con
   // across the step's pages.
   for (int32_t i0 = 0; i0 < n_blocks; i0 += kPartialPages) {
     const int32_t np = std::min<int32_t>(kPartialPages, n_blocks - i0);
-    // The next step's K/V blocks: asked for now, they arrive while this step computes.
-    for (int32_t b = i0 + kPartialPages; b < std::min<int32_t>(n_blocks, i0 + 2 * kPartialPages); ++b) {
-      attention_vec::prefetch_block(kv.k_block(pages[blocks[b]], layer, head), block_bytes);
-      attention_vec::prefetch_block(kv.v_block(pages[blocks[b]], layer, head), block_bytes);
-    }
     attention_vec::PVBlockT<T> blk;
     blk.n_pages = np;
     blk.ps = ps;
@@ -147,6 +146,11 @@ void sparse_partial(const float* q, int32_t group, float scale, KVCache& kv, con
       const int64_t p0 = int64_t(blocks[i0 + b]) * ps;
       const int64_t j0 = std::max(p0, lo) - p0, j1 = std::min(p0 + ps - 1, pos) - p0;  // valid slots
       const int32_t page = pages[blocks[i0 + b]];
+      if (i0 + b + kPrefetchAhead < n_blocks) {
+        const int32_t ahead = pages[blocks[i0 + b + kPrefetchAhead]];
+        attention_vec::prefetch_block(kv.k_block(ahead, layer, head), block_bytes);
+        attention_vec::prefetch_block(kv.v_block(ahead, layer, head), block_bytes);
+      }
       blk.v[b] = reinterpret_cast<const T*>(kv.v_block(page, layer, head));
       blk.j0[b] = j0;
       blk.j1[b] = j1;
