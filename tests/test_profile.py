@@ -89,6 +89,16 @@ def test_unsupported_attention_mode_is_refused(smollm2_gguf_path, tmp_path, caps
     assert "no-such-mode" in capsys.readouterr().err
 
 
+def test_out_that_is_a_file_is_refused_before_the_run(smollm2_gguf_path, tmp_path, capsys):
+    taken = tmp_path / "summary.json"
+    taken.write_text("keep me")
+    rc = run(["-m", smollm2_gguf_path, "--context", 20, "--steps", 1, "--out", taken])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "InvalidRequestError" in err and "--out" in err
+    assert taken.read_text() == "keep me"
+
+
 def test_op_groups():
     assert op_group("attention") == "dense attention"
     assert op_group("matmul_ffn") == op_group("activation") == "MLP"

@@ -126,7 +126,7 @@ py::array_t<int32_t> sparse_select(const F32Array& q, const F32Array& k, int64_t
   const lme::SparseAttentionConfig cfg = sparse_config(keep, n_min, n_local, n_sink);
   OneHeadCache c = make_cache(k, nullptr, page_size, kv_dtype, page_order);
   const int64_t n_cand = (L - 1) / page_size - lo / page_size + 1;
-  std::vector<float> q_mean(D), scores(n_cand);
+  std::vector<float> q_mean(D), scores(2 * n_cand);
   std::vector<int32_t> blocks(n_cand);
   const int32_t n = lme::sparse_select_blocks(cfg, q.data(), static_cast<int32_t>(q.shape(0)), scale_of(scale, D),
                                               *c.kv, c.pages.data(), 0, 0, lo, L - 1, q_mean.data(), scores.data(),

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <string>
 
@@ -16,7 +17,6 @@ namespace {
 constexpr int32_t kMaxSplits = 32;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-using attention_vec::kv_block_f32;
 using attention_vec::load8;
 using attention_vec::v8f;
 
@@ -45,12 +45,12 @@ int64_t sparse_blocks_kept(const SparseAttentionConfig& c, int64_t n_blocks) {
 
 namespace {
 
-constexpr int64_t kSummaryPrefetch = 4;
-constexpr int64_t kMaxSummaryHeadDim = 4096;  // validate_model caps head_dim here
+constexpr int64_t kSummaryPrefetch = 8;
 
 // sum_d max(q[d] * mn[d], q[d] * mx[d]) in 8 lanes (fp32; one serial chain over d was latency
-// bound at ~4 cycles per element).
-float summary_score(const float* q, const float* mn, const float* mx, int64_t hd) {
+// bound at ~4 cycles per element), the summary read in the pool's element type.
+template <typename T>
+float summary_score(const float* q, const T* mn, const T* mx, int64_t hd) {
   v8f acc = {};
   int64_t d = 0;
   for (; d + 8 <= hd; d += 8) {
@@ -59,8 +59,27 @@ float summary_score(const float* q, const float* mn, const float* mx, int64_t hd
   }
   float s = 0.f;
   for (int l = 0; l < 8; ++l) s += acc[l];
-  for (; d < hd; ++d) s += std::max(q[d] * mn[d], q[d] * mx[d]);
+  for (; d < hd; ++d) s += std::max(q[d] * attention_vec::to_f32(mn[d]), q[d] * attention_vec::to_f32(mx[d]));
   return s;
+}
+
+template <typename T>
+void score_blocks(const SparseAttentionConfig& c, const float* q_mean, KVCache& kv, const int32_t* pages,
+                  int32_t layer, int32_t head, int64_t b_lo, int64_t n_cand, float* scores) {
+  const int64_t hd = kv.config().head_dim;
+  const float inf = std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n_cand; ++i) {
+    if (i < c.n_sink || i >= n_cand - c.n_local) {
+      scores[i] = inf;
+      continue;
+    }
+    if (i + kSummaryPrefetch < n_cand) {
+      attention_vec::prefetch_block(kv.block_summary(pages[b_lo + i + kSummaryPrefetch], layer, head),
+                                    kv.summary_bytes());
+    }
+    const T* mn = reinterpret_cast<const T*>(kv.block_summary(pages[b_lo + i], layer, head));
+    scores[i] = summary_score(q_mean, mn, mn + hd, hd);
+  }
 }
 
 }  // namespace
@@ -81,31 +100,33 @@ int32_t sparse_select_blocks(const SparseAttentionConfig& c, const float* q, int
     for (int32_t g = 0; g < group; ++g) acc += q[g * hd + d];
     q_mean[d] = acc * w;
   }
-  const float inf = std::numeric_limits<float>::infinity();
-  float summary_buf[2 * kMaxSummaryHeadDim];  // a 16-bit cache's summary, converted
-  const int32_t dt = static_cast<int32_t>(kv.config().dtype);
-  for (int64_t i = 0; i < n_cand; ++i) {
-    blocks[i] = static_cast<int32_t>(i);
-    if (i < c.n_sink || i >= n_cand - c.n_local) {
-      scores[i] = inf;
-      continue;
-    }
-    // Summaries of one (layer, head) lie a page's stride apart: fetch a few blocks ahead.
-    if (i + kSummaryPrefetch < n_cand) {
-      attention_vec::prefetch_block(kv.block_summary(pages[b_lo + i + kSummaryPrefetch], layer, head),
-                                    kv.summary_bytes());
-    }
-    const float* mn = kv_block_f32(kv.block_summary(pages[b_lo + i], layer, head), dt, summary_buf, 2 * hd);
-    const float* mx = mn + hd;
-    scores[i] = summary_score(q_mean, mn, mx, hd);
+  switch (kv.config().dtype) {
+    case KVDType::F32:
+      score_blocks<float>(c, q_mean, kv, pages, layer, head, b_lo, n_cand, scores);
+      break;
+    case KVDType::F16:
+      score_blocks<attention_vec::Half>(c, q_mean, kv, pages, layer, head, b_lo, n_cand, scores);
+      break;
+    case KVDType::BF16:
+      score_blocks<attention_vec::BHalf>(c, q_mean, kv, pages, layer, head, b_lo, n_cand, scores);
+      break;
   }
-  // Higher score first, then lower block: a strict order, so the kept set is unique.
-  std::nth_element(blocks, blocks + n_keep, blocks + n_cand, [scores](int32_t a, int32_t b) {
-    return scores[a] > scores[b] || (scores[a] == scores[b] && a < b);
-  });
-  std::sort(blocks, blocks + n_keep);
-  for (int64_t i = 0; i < n_keep; ++i) blocks[i] += static_cast<int32_t>(b_lo);
-  return static_cast<int32_t>(n_keep);
+  // Higher score first, then lower block (a strict order, so the kept set is unique): the
+  // n_keep-th largest score is the threshold; every block above it is kept, and of the blocks
+  // equal to it the lowest ones fill the rest. One pass in block order then writes the kept
+  // blocks ascending (a selection on plain floats, no comparator through an index, no sort).
+  float* tmp = scores + n_cand;
+  std::copy(scores, scores + n_cand, tmp);
+  std::nth_element(tmp, tmp + (n_keep - 1), tmp + n_cand, std::greater<float>());
+  const float thr = tmp[n_keep - 1];
+  int64_t above = 0;
+  for (int64_t i = 0; i < n_cand; ++i) above += scores[i] > thr;
+  int64_t ties = n_keep - above, n = 0;
+  for (int64_t i = 0; i < n_cand; ++i) {
+    const bool keep = scores[i] > thr || (scores[i] == thr && ties-- > 0);
+    if (keep) blocks[n++] = static_cast<int32_t>(b_lo + i);
+  }
+  return static_cast<int32_t>(n);
 }
 
 int64_t attention_partial_work_floats(int32_t group, int32_t page_size, int32_t head_dim) {
@@ -289,7 +310,7 @@ void BlockSparseDecode::finish_plan(int n_threads) {
   grow(part_m_, n_items * n_splits_ * group_);
   grow(part_l_, n_items * n_splits_ * group_);
   thread_scratch_len_ = std::max<int64_t>(
-      thread_scratch_len_, head_dim_ + cap_blocks_ + attention_partial_work_floats(group_, page_size_, head_dim_));
+      thread_scratch_len_, head_dim_ + 2 * cap_blocks_ + attention_partial_work_floats(group_, page_size_, head_dim_));
   grow(thread_scratch_, n_threads * thread_scratch_len_);
 }
 

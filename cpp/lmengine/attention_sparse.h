@@ -38,7 +38,7 @@ int64_t sparse_blocks_kept(const SparseAttentionConfig& c, int64_t n_blocks);
 // Selection for one (token, KV head): candidates are the blocks covering [lo, pos] of the sequence
 // whose page table is `pages`. q: [group][head_dim] post-RoPE queries of the group. Writes the
 // kept logical block numbers in ascending order to `blocks` and returns how many.
-// Scratch: q_mean [head_dim], scores [M]; blocks needs room for M entries.
+// Scratch: q_mean [head_dim], scores [2 * M]; blocks needs room for M entries.
 int32_t sparse_select_blocks(const SparseAttentionConfig& c, const float* q, int32_t group, float scale,
                              KVCache& kv, const int32_t* pages, int32_t layer, int32_t head, int64_t lo,
                              int64_t pos, float* q_mean, float* scores, int32_t* blocks);

@@ -77,7 +77,7 @@ class KVCache {
     return k_pool_ != nullptr && v_pool_ != nullptr && (!config_.block_summaries || summary_pool_ != nullptr);
   }
   // Pages per group of the pool layout (above); the pools hold n_pages rounded up to a multiple.
-  static constexpr int64_t kPageGroup = 64;
+  static constexpr int64_t kPageGroup = 32;
   int64_t pool_bytes() const {
     return allocated_pages() * config_.n_layers * config_.n_kv_heads * (2 * block_bytes() + summary_bytes());
   }

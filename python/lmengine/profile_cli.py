@@ -282,6 +282,11 @@ def run_profile(args: argparse.Namespace) -> int:
 
     if args.context < 1 or args.steps < 1 or args.batch < 1:
         raise InvalidRequestError("--context, --steps and --batch must be >= 1")
+    out = Path(args.out)
+    try:  # before the run, so a bad --out does not cost the measurement
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InvalidRequestError(f"--out {str(out)!r} is not a usable directory: {e}") from e
     fill = args.fill
     if fill == "auto":
         fill = "prefill" if args.context <= 2048 else "import"
@@ -338,8 +343,6 @@ def run_profile(args: argparse.Namespace) -> int:
             "engine_counters_per_step": counters,
         }
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "profile_summary.json").write_text(json.dumps(summary, indent=2))
     meta = {
         k: summary[k] for k in ("model", "attention", "context", "batch", "kv_dtype", "threads")
