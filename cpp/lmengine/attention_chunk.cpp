@@ -23,7 +23,6 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 using attention_vec::block_pv;
 using attention_vec::page_scores;
-using attention_vec::PVBlock;
 using attention_vec::row_scale_max;
 using attention_vec::row_sum;
 
@@ -35,16 +34,19 @@ static_assert(kBlockPages <= 8, "PVBlock holds up to 8 pages");
 
 int64_t attention_chunk_scratch_floats(int32_t rows, int32_t page_size, int32_t head_dim) {
   const int64_t block = kBlockPages * page_size;
-  return 2 * int64_t(rows) * head_dim + int64_t(rows) * block + 3 * int64_t(rows) + 2 * block * head_dim;
+  return 2 * int64_t(rows) * head_dim + int64_t(rows) * block + 3 * int64_t(rows);
 }
 
-void attention_chunk_tile(const ChunkAttentionTile& t, KVCache& kv, float* scratch, float* out,
-                          int64_t out_stride, float* lse) {
+namespace {
+
+// attention_chunk_tile for pool elements of type T (float, Half, BHalf), read in place: the K and
+// V pages are used by every row of the tile straight from the pool, not through converted copies
+// (which also kept the tile's working set past L1).
+template <typename T>
+void chunk_tile(const ChunkAttentionTile& t, KVCache& kv, float* scratch, float* out, int64_t out_stride,
+                float* lse) {
   const KVCacheConfig& c = kv.config();
   const int64_t hd = c.head_dim, ps = c.page_size, bw = kBlockPages * ps;
-  const int32_t dt = static_cast<int32_t>(c.dtype);
-  const bool f32 = c.dtype == KVDType::F32;
-  const int64_t elem = kv_dtype_bytes(c.dtype);
   const int32_t G = t.group, R = t.n_q * t.group;
   float* qs = scratch;           // [R][hd] the tile's queries, contiguous
   float* o = qs + R * hd;        // [R][hd] running output (unnormalised)
@@ -52,8 +54,6 @@ void attention_chunk_tile(const ChunkAttentionTile& t, KVCache& kv, float* scrat
   float* m = s + R * bw;         // [R] running max of the scaled scores
   float* l = m + R;              // [R] running sum of exp(score - m)
   float* alpha = l + R;          // [R] rescale of o and l for the current block
-  float* kbuf = alpha + R;       // [kBlockPages][hd][ps] converted K pages
-  float* vbuf = kbuf + bw * hd;  // [kBlockPages][ps][hd] converted V rows
 
   // Per token: the keys it may see, [lo, hi]; the tile visits the union [kmin, kmax].
   int64_t lo[kChunkTileTokensMax], hi[kChunkTileTokensMax];
@@ -76,8 +76,7 @@ void attention_chunk_tile(const ChunkAttentionTile& t, KVCache& kv, float* scrat
   }
   std::fill(o, o + R * hd, 0.f);
 
-  const float* kt[kBlockPages] = {};
-  const float* vp[kBlockPages] = {};
+  const T* vp[kBlockPages] = {};
   // Blocks sit at absolute multiples of bw (pages before kmin are skipped, their columns masked):
   // with the same block grid and lanes, a row's arithmetic does not depend on which other tokens
   // share its tile, so chunking a prompt differently changes no bit of an unsegmented row.
@@ -95,20 +94,8 @@ void attention_chunk_tile(const ChunkAttentionTile& t, KVCache& kv, float* scrat
     for (int64_t b = 0; b < n_pages; ++b) {
       if (b0 + (b + 1) * ps <= kmin) continue;  // before every row's range: masked below
       const int32_t page = t.pages[(b0 + b * ps) / ps];
-      if (f32) {
-        kt[b] = reinterpret_cast<const float*>(kv.k_block(page, t.layer, t.head));
-        vp[b] = reinterpret_cast<const float*>(kv.v_block(page, t.layer, t.head));
-      } else {
-        const int64_t v0 = std::max<int64_t>(jlo - b * ps, 0), v1 = std::min<int64_t>(jhi - b * ps, ps - 1);
-        kv_to_f32(dt, kv.k_block(page, t.layer, t.head), kbuf + b * ps * hd, ps * hd);
-        if (v0 <= v1) {
-          kv_to_f32(dt, kv.v_block(page, t.layer, t.head) + v0 * hd * elem, vbuf + (b * ps + v0) * hd,
-                    (v1 - v0 + 1) * hd);
-        }
-        kt[b] = kbuf + b * ps * hd;
-        vp[b] = vbuf + b * ps * hd;
-      }
-      page_scores(qs, R, hd, kt[b], ps, s + b * ps, bw);
+      vp[b] = reinterpret_cast<const T*>(kv.v_block(page, t.layer, t.head));
+      page_scores(qs, R, hd, reinterpret_cast<const T*>(kv.k_block(page, t.layer, t.head)), ps, s + b * ps, bw);
     }
 
     // Mask each row to its range (a select, so stale NaN scores vanish; -inf stays -inf through
@@ -140,7 +127,7 @@ void attention_chunk_tile(const ChunkAttentionTile& t, KVCache& kv, float* scrat
     }
     exp_inplace(alpha, R);
     for (int32_t r = 0; r < R; ++r) l[r] = l[r] * alpha[r] + row_sum(s + r * bw, width);
-    PVBlock blk;
+    attention_vec::PVBlockT<T> blk;
     blk.n_pages = n_pages;
     blk.ps = ps;
     for (int64_t b = 0; b < n_pages; ++b) {
@@ -156,6 +143,20 @@ void attention_chunk_tile(const ChunkAttentionTile& t, KVCache& kv, float* scrat
     const float inv = l[r] > 0.f ? 1.0f / l[r] : 0.f;
     for (int64_t d = 0; d < hd; ++d) dst[d] = o[r * hd + d] * inv;
     if (lse != nullptr) lse[r] = l[r] > 0.f ? m[r] + std::log(l[r]) : kNegInf;
+  }
+}
+
+}  // namespace
+
+void attention_chunk_tile(const ChunkAttentionTile& tile, KVCache& kv, float* scratch, float* out,
+                          int64_t out_stride, float* lse) {
+  switch (kv.config().dtype) {
+    case KVDType::F32:
+      return chunk_tile<float>(tile, kv, scratch, out, out_stride, lse);
+    case KVDType::F16:
+      return chunk_tile<attention_vec::Half>(tile, kv, scratch, out, out_stride, lse);
+    case KVDType::BF16:
+      return chunk_tile<attention_vec::BHalf>(tile, kv, scratch, out, out_stride, lse);
   }
 }
 
