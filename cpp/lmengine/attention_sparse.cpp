@@ -297,9 +297,17 @@ void BlockSparseDecode::finish_plan(int n_threads) {
     counters_.blocks_candidate += n_cand * n_layers_ * n_kv_heads_;
     counters_.blocks_selected += kept * n_layers_ * n_kv_heads_;
   }
-  // Enough work items for every thread (4 per thread to absorb uneven splits), but at least two
-  // blocks per split so the partials stay small next to the blocks they summarise.
-  const int64_t want = (4 * int64_t(n_threads) + n_items - 1) / n_items;
+  // Enough work items for every thread (4 per thread to absorb uneven splits), a whole number of
+  // items per thread where a few more splits give one (3 KV heads on 2 threads: 12 items, not 9,
+  // one thread's extra item was a tenth of the step), but at least two blocks per split so the
+  // partials stay small next to the blocks they summarise.
+  int64_t want = (4 * int64_t(n_threads) + n_items - 1) / n_items;
+  for (int64_t w = want; w < want + n_threads && w <= kMaxSplits; ++w) {
+    if ((w * n_items) % n_threads == 0) {
+      want = w;
+      break;
+    }
+  }
   n_splits_ = static_cast<int32_t>(std::max<int64_t>(1, std::min<int64_t>({want, kMaxSplits, max_kept / 2})));
   auto grow = [](auto& v, int64_t n) {
     if (static_cast<int64_t>(v.size()) < n) v.resize(n);
