@@ -60,7 +60,7 @@ int cuda_rmsnorm(const float* x, int64_t x_row_stride, const float* w, float* y,
 int cuda_rope(float* x, int64_t token_stride, int64_t n_tokens, int32_t n_heads, int32_t head_dim,
               const int32_t* positions, const float* inv_freq, bool interleaved, void* stream);
 
-// Decode attention over the paged KV cache (kv_cache.h layout): one query token per sequence,
+// Decode attention over a paged KV cache (the layout below): one query token per sequence,
 // GQA (n_q_heads / n_kv_heads query heads share a KV head), softmax(q k^T * scale) v over the
 // positions [lo, seq_lens[s]) of sequence s, lo = max(0, len - sliding_window) when the window
 // is set, else 0. A sequence of length 0 gets a zero output.
@@ -71,7 +71,9 @@ int cuda_rope(float* x, int64_t token_stride, int64_t n_tokens, int32_t n_heads,
 struct CudaDecodeAttentionArgs {
   const float* q = nullptr;  // [n_seqs, n_q_heads, head_dim]
   float* out = nullptr;      // [n_seqs, n_q_heads, head_dim]
-  // K and V pools of kv_dtype, 16-byte aligned, in the kv_cache.h layout:
+  // K and V pools of kv_dtype, 16-byte aligned, one (page, layer, head) block after another (the
+  // CPU KVCache orders the same blocks in page groups, kv_cache.h; a GPU reads scattered 2 KiB
+  // blocks at full speed, so the device pools keep the plain order):
   //   K: [n_pages][n_layers][n_kv_heads][head_dim][page_size]  (transposed within a page)
   //   V: [n_pages][n_layers][n_kv_heads][page_size][head_dim]
   const void* k_pool = nullptr;

@@ -224,9 +224,9 @@ KV_DTYPES = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16}
 def make_paged_cache(
     rng, seq_lens, n_kv_heads, head_dim, kv_dtype, n_layers=2, spare_pages=5, page_size=PAGE_SIZE
 ):
-    """Pools in the kv_cache.h layout, K (pages, layers, Hkv, D, page_size) and V (pages, layers,
-    Hkv, page_size, D), with the sequences' pages scattered in random order; unused table entries
-    are -1."""
+    """Pools in the CUDA kernels' layout (cuda/kernels.h), K (pages, layers, Hkv, D, page_size)
+    and V (pages, layers, Hkv, page_size, D), with the sequences' pages scattered in random order;
+    unused table entries are -1."""
     pages_per_seq = [(n + page_size - 1) // page_size for n in seq_lens]
     n_pages = sum(pages_per_seq) + spare_pages
     order = rng.permutation(n_pages).astype(np.int32)
@@ -423,7 +423,7 @@ def test_attention_decode_rejects_bad_pages_and_lengths():
         )
     with pytest.raises(ValueError, match="layer"):
         CUDA.attention_decode(q, k_pool, v_pool, table, np.array([20, 5], np.int32), 1, 0.1)
-    # K in rows (page_size, D) or V transposed: not the kv_cache.h layout.
+    # K in rows (page_size, D) or V transposed: not the CUDA pool layout.
     lens = np.array([20, 5], np.int32)
     with pytest.raises(ValueError, match=r"k_pool\.shape\[3\]"):
         CUDA.attention_decode(q, k_pool.swapaxes(3, 4).copy(), v_pool, table, lens, 0, 0.1)

@@ -214,8 +214,8 @@ py::object attention_decode(const py::array& q, const py::array& k_pool, const p
   check_array(page_table, py::dtype::of<int32_t>(), 2, "page_table");
   check_array(seq_lens, py::dtype::of<int32_t>(), 1, "seq_lens");
   const int64_t n_seqs = q.shape(0), n_q_heads = q.shape(1), head_dim = q.shape(2);
-  // kv_cache.h layout: k_pool [pages, layers, Hkv, D, page_size], v_pool [pages, layers, Hkv,
-  // page_size, D].
+  // The CUDA pool layout (cuda/kernels.h): k_pool [pages, layers, Hkv, D, page_size], v_pool
+  // [pages, layers, Hkv, page_size, D].
   const int64_t n_pages = k_pool.shape(0), n_layers = k_pool.shape(1), n_kv_heads = k_pool.shape(2);
   const int64_t page_size = k_pool.shape(4);
   check_dim(k_pool, 3, head_dim, "k_pool");
