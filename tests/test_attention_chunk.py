@@ -148,7 +148,8 @@ def test_positions_need_not_be_the_tail():
 
 
 def test_matches_single_token_kernel():
-    """Each token of a chunk equals attention_paged_one for that token alone (to rounding)."""
+    """Each token of a chunk equals the decode kernel (kernels.attention_paged) for that token
+    alone (to rounding)."""
     q, k, v, rng = chunk_case(17, 64, 3, seed=5)
     out = kernels.attention_chunk(
         q, k, v, np.arange(47, 64, dtype=np.int32), 16, "f32", shuffled_pages(4, rng)

@@ -1,9 +1,9 @@
 // Query-tiled causal attention for multi-token chunks (prefill chunks, ReSA rectification).
 //
-// attention_paged_one serves one query token: a chunk of n tokens would read the sequence's KV
-// pages n times and do matrix-vector work. Here one work item takes a tile of up to
-// chunk_tile_tokens(group) tokens x the `group` query heads of one KV head (R = tile * group rows) and
-// walks the pages once with an online softmax (flash-attention style): per page, scores
+// The decode kernel (attention_sparse_partial) serves one query token: a chunk of n tokens would
+// read the sequence's KV pages n times and do matrix-vector work. Here one work item takes a tile
+// of up to chunk_tile_tokens(group) tokens x the `group` query heads of one KV head (R = tile *
+// group rows) and walks the pages once with an online softmax (flash-attention style): per page, scores
 // S[R][page_size] = Q · K^T, running max / sum per row, O[R][head_dim] = alpha * O + P · V.
 //
 // Napkin math per (tile, KV head, key): 4 * R * head_dim FLOPs against 2 * head_dim * elem bytes
