@@ -45,29 +45,33 @@ inline float to_f32(BHalf h) {
   return f;
 }
 
-inline v8f load8(const Half* p) {
-#if defined(__F16C__)
-  const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+// A 256-bit intrinsic vector as v8f (same bits), and the portable element-wise load.
+template <typename V>
+inline v8f as_v8f(const V& v) {
   v8f r;
   __builtin_memcpy(&r, &v, sizeof(r));
   return r;
-#else
+}
+template <typename T>
+inline v8f load8_each(const T* p) {
   float f[8];
   for (int i = 0; i < 8; ++i) f[i] = to_f32(p[i]);
   return load8(f);
+}
+
+inline v8f load8(const Half* p) {
+#if defined(__F16C__)
+  return as_v8f(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#else
+  return load8_each(p);
 #endif
 }
 
 inline v8f load8(const BHalf* p) {
 #if defined(__AVX2__)
-  const __m256i w = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
-  v8f r;
-  __builtin_memcpy(&r, &w, sizeof(r));
-  return r;
+  return as_v8f(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
 #else
-  float f[8];
-  for (int i = 0; i < 8; ++i) f[i] = to_f32(p[i]);
-  return load8(f);
+  return load8_each(p);
 #endif
 }
 
