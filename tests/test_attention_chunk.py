@@ -147,6 +147,16 @@ def test_positions_need_not_be_the_tail():
     run_and_check(q, k, v, np.arange(50, 70), rng=rng, segment_keys=16)
 
 
+@pytest.mark.parametrize("kv_dtype", ["f16", "bf16"])
+def test_rectification_chunk_across_page_groups(kv_dtype):
+    """A 33-token chunk (one 99-row tile) at the end of 1100 keys (3 pool page groups of 32
+    pages), pages shuffled, as one tile and split into key segments."""
+    q, k, v, rng = chunk_case(33, 1100, 3, n_kv=2, seed=9)
+    positions = np.arange(1100 - 33, 1100)
+    run_and_check(q, k, v, positions, kv_dtype=kv_dtype, rng=rng)
+    run_and_check(q, k, v, positions, kv_dtype=kv_dtype, rng=rng, segment_keys=160)
+
+
 def test_matches_single_token_kernel():
     """Each token of a chunk equals the decode kernel (kernels.attention_paged) for that token
     alone (to rounding)."""

@@ -313,6 +313,17 @@ def test_attention_paged_other_page_sizes(page_size, L):
         check_attention(out, q, k, v, lo, "f16")
 
 
+@pytest.mark.parametrize("kv_dtype", ["f32", "f16", "bf16"])
+@pytest.mark.parametrize("L", [1000, 2111])
+def test_attention_paged_across_page_groups(L, kv_dtype):
+    """Contexts of several pool page groups (KVCache::kPageGroup = 32 pages), pages shuffled
+    over the pool: the decode kernel walks 4-page softmax steps across group boundaries."""
+    q, k, v, rng = attention_case(L, 64, 3, kv_dtype, seed=L + 17)
+    for lo in (0, 517, L - 40):
+        out = kernels.attention_paged(q, k, v, lo, 16, kv_dtype, shuffled_pages(-(-L // 16), rng))
+        check_attention(out, q, k, v, lo, kv_dtype)
+
+
 @pytest.mark.parametrize("kv_dtype", ["f32", "bf16"])
 def test_attention_paged_page_order_is_invisible(kv_dtype):
     """Where the pages live changes no bit of the result."""

@@ -196,6 +196,26 @@ def test_selection_matches_reference_at_block_boundaries(params, group):
                     assert abs(scores[b - lo // ps] - cut) <= SELECT_SCORE_REL * finite, (L, b)
 
 
+@pytest.mark.parametrize("kv_dtype", ["f32", "f16"])
+def test_selection_ties_keep_the_lowest_blocks(kv_dtype):
+    """Blocks with exactly equal scores (identical keys) are kept lowest-first, across page
+    groups of the pool (70 blocks), whatever order the pages have in the pool."""
+    rng = np.random.default_rng(5)
+    ps, M, D = 16, 70, 64
+    block = rng.standard_normal((ps, D)).astype(np.float32)
+    k = np.tile(block, (M, 1))
+    hi = [9, 33, 50]  # three blocks that score higher than all the tied ones
+    for b in hi:
+        k[b * ps : (b + 1) * ps] += 0.5
+    q = np.abs(rng.standard_normal((3, D))).astype(np.float32)
+    for seed in range(3):
+        got = kernels.sparse_select(
+            q, k, 0, ps, kv_dtype, page_order(M, seed), 0.1, 2, 1, 0, scale=0.125
+        )
+        # 7 kept: the local block, the three high ones, then the lowest of the tied rest.
+        np.testing.assert_array_equal(got, [0, 1, 2, 9, 33, 50, M - 1])
+
+
 def test_kept_count_formula():
     c = dict(keep=0.1, n_min=16, n_local=1, n_sink=0)
     # Dense up to b * n_min = 256 tokens, 10% beyond ~2,560.
