@@ -239,14 +239,16 @@ py::array_t<float> attention_paged(const py::array& q, const py::array& k, const
     // The engine's decode kernel over all pages from lo's on (unsplit), then normalised.
     const int64_t b0 = lo / page_size;
     std::vector<int32_t> blocks(static_cast<size_t>(n_logical - b0));
-    for (size_t i = 0; i < blocks.size(); ++i) blocks[i] = static_cast<int32_t>(b0 + static_cast<int64_t>(i));
+    for (size_t i = 0; i < blocks.size(); ++i)
+      blocks[i] = static_cast<int32_t>(b0 + static_cast<int64_t>(i));
     std::vector<float> work(static_cast<size_t>(lme::attention_partial_work_floats(
         static_cast<int32_t>(group), static_cast<int32_t>(page_size), static_cast<int32_t>(D))));
     std::vector<float> m(static_cast<size_t>(group)), l(static_cast<size_t>(group));
-    lme::attention_sparse_partial(qp, static_cast<int32_t>(group), scale, cache, order, 0, 0, blocks.data(),
-                                  static_cast<int32_t>(blocks.size()), lo, L - 1, work.data(), op, m.data(),
-                                  l.data());
-    lme::attention_partial_normalize(op, l.data(), static_cast<int32_t>(group), static_cast<int32_t>(D));
+    lme::attention_sparse_partial(qp, static_cast<int32_t>(group), scale, cache, order, 0, 0,
+                                  blocks.data(), static_cast<int32_t>(blocks.size()), lo, L - 1,
+                                  work.data(), op, m.data(), l.data());
+    lme::attention_partial_normalize(op, l.data(), static_cast<int32_t>(group),
+                                     static_cast<int32_t>(D));
   }
   return out;
 }
@@ -331,11 +333,12 @@ py::array_t<float> attention_chunk(const py::array& q, const py::array& k, const
     }
     const int32_t group = static_cast<int32_t>(H / Hkv);
     lme::ChunkAttentionPlan plan;
-    lme::chunk_attention_plan_add(plan, order, 0, pos, static_cast<int32_t>(n), static_cast<int32_t>(Hkv), group,
-                                  static_cast<int32_t>(page_size), static_cast<int32_t>(sliding_window),
-                                  segment_keys);
+    lme::chunk_attention_plan_add(plan, order, 0, pos, static_cast<int32_t>(n),
+                                  static_cast<int32_t>(Hkv), group, static_cast<int32_t>(page_size),
+                                  static_cast<int32_t>(sliding_window), segment_keys);
     std::vector<float> scratch(static_cast<size_t>(lme::attention_chunk_scratch_floats(
-        lme::chunk_tile_tokens(group) * group, static_cast<int32_t>(page_size), static_cast<int32_t>(D))));
+        lme::chunk_tile_tokens(group) * group, static_cast<int32_t>(page_size),
+        static_cast<int32_t>(D))));
     std::vector<float> partials(static_cast<size_t>(
         plan.n_partials * lme::chunk_attention_partial_floats(group, static_cast<int32_t>(D))));
     const lme::ChunkAttentionStep step = {qp, H * D, op, H * D, pos, group, 0, scale,

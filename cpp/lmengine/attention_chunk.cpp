@@ -43,8 +43,8 @@ namespace {
 // V pages are used by every row of the tile straight from the pool, not through converted copies
 // (which also kept the tile's working set past L1).
 template <typename T>
-void chunk_tile(const ChunkAttentionTile& t, KVCache& kv, float* scratch, float* out, int64_t out_stride,
-                float* lse) {
+void chunk_tile(const ChunkAttentionTile& t, KVCache& kv, float* scratch, float* out,
+                int64_t out_stride, float* lse) {
   const KVCacheConfig& c = kv.config();
   const int64_t hd = c.head_dim, ps = c.page_size, bw = kBlockPages * ps;
   const int32_t G = t.group, R = t.n_q * t.group;
@@ -95,7 +95,8 @@ void chunk_tile(const ChunkAttentionTile& t, KVCache& kv, float* scratch, float*
       if (b0 + (b + 1) * ps <= kmin) continue;  // before every row's range: masked below
       const int32_t page = t.pages[(b0 + b * ps) / ps];
       vp[b] = reinterpret_cast<const T*>(kv.v_block(page, t.layer, t.head));
-      page_scores(qs, R, hd, reinterpret_cast<const T*>(kv.k_block(page, t.layer, t.head)), ps, s + b * ps, bw);
+      page_scores(qs, R, hd, reinterpret_cast<const T*>(kv.k_block(page, t.layer, t.head)), ps,
+                  s + b * ps, bw);
     }
 
     // Mask each row to its range (a select, so stale NaN scores vanish; -inf stays -inf through
@@ -194,8 +195,9 @@ int64_t chunk_attention_partial_floats(int32_t group, int32_t head_dim) {
 }
 
 void chunk_attention_plan_add(ChunkAttentionPlan& plan, const int32_t* pages, int64_t t0,
-                              const int32_t* positions, int32_t n_tokens, int32_t n_kv_heads, int32_t group,
-                              int32_t page_size, int32_t sliding_window, int64_t min_segment_keys) {
+                              const int32_t* positions, int32_t n_tokens, int32_t n_kv_heads,
+                              int32_t group, int32_t page_size, int32_t sliding_window,
+                              int64_t min_segment_keys) {
   const int32_t max_tile = chunk_tile_tokens(group);
   const int32_t n_tiles = (n_tokens + max_tile - 1) / max_tile;
   const int32_t tile_len = (n_tokens + n_tiles - 1) / n_tiles;

@@ -3,8 +3,8 @@
 // The decode kernel (attention_sparse_partial) serves one query token: a chunk of n tokens would
 // read the sequence's KV pages n times and do matrix-vector work. Here one work item takes a tile
 // of up to chunk_tile_tokens(group) tokens x the `group` query heads of one KV head (R = tile *
-// group rows) and walks the pages once with an online softmax (flash-attention style): per page, scores
-// S[R][page_size] = Q · K^T, running max / sum per row, O[R][head_dim] = alpha * O + P · V.
+// group rows) and walks the pages once with an online softmax (flash-attention style): per page,
+// scores S[R][page_size] = Q · K^T, running max / sum per row, O[R][head_dim] = alpha * O + P · V.
 //
 // Napkin math per (tile, KV head, key): 4 * R * head_dim FLOPs against 2 * head_dim * elem bytes
 // read, so with R = 99 (a ReSA rectification chunk of SmolLM2: 33 tokens x 3 heads) the kernel
@@ -110,10 +110,12 @@ struct ChunkAttentionPlan {
 // min_segment_keys: smallest key segment when the chunk has too few tiles to keep all threads
 // busy (kChunkSegmentKeys in the engine; tests pass small values to exercise the merge).
 void chunk_attention_plan_add(ChunkAttentionPlan& plan, const int32_t* pages, int64_t t0,
-                              const int32_t* positions, int32_t n_tokens, int32_t n_kv_heads, int32_t group,
-                              int32_t page_size, int32_t sliding_window, int64_t min_segment_keys);
+                              const int32_t* positions, int32_t n_tokens, int32_t n_kv_heads,
+                              int32_t group, int32_t page_size, int32_t sliding_window,
+                              int64_t min_segment_keys);
 
-// Floats of one partial slot: chunk_tile_tokens(group) * group rows of head_dim outputs plus their lse.
+// Floats of one partial slot: chunk_tile_tokens(group) * group rows of head_dim outputs plus their
+// lse.
 int64_t chunk_attention_partial_floats(int32_t group, int32_t head_dim);
 
 // Where the step's queries and outputs live. Token t, KV head h: q + t * q_stride + h * group *

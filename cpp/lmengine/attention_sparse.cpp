@@ -6,8 +6,8 @@
 #include <limits>
 #include <string>
 
-#include "lmengine/kv_summaries.h"
 #include "lmengine/attention_vec.h"
+#include "lmengine/kv_summaries.h"
 #include "lmengine/ops.h"
 
 namespace lme {
@@ -59,13 +59,15 @@ float summary_score(const float* q, const T* mn, const T* mx, int64_t hd) {
   }
   float s = 0.f;
   for (int l = 0; l < 8; ++l) s += acc[l];
-  for (; d < hd; ++d) s += std::max(q[d] * attention_vec::to_f32(mn[d]), q[d] * attention_vec::to_f32(mx[d]));
+  for (; d < hd; ++d)
+    s += std::max(q[d] * attention_vec::to_f32(mn[d]), q[d] * attention_vec::to_f32(mx[d]));
   return s;
 }
 
 template <typename T>
-void score_blocks(const SparseAttentionConfig& c, const float* q_mean, KVCache& kv, const int32_t* pages,
-                  int32_t layer, int32_t head, int64_t b_lo, int64_t n_cand, float* scores) {
+void score_blocks(const SparseAttentionConfig& c, const float* q_mean, KVCache& kv,
+                  const int32_t* pages, int32_t layer, int32_t head, int64_t b_lo, int64_t n_cand,
+                  float* scores) {
   const int64_t hd = kv.config().head_dim;
   const float inf = std::numeric_limits<float>::infinity();
   for (int64_t i = 0; i < n_cand; ++i) {
@@ -74,8 +76,8 @@ void score_blocks(const SparseAttentionConfig& c, const float* q_mean, KVCache& 
       continue;
     }
     if (i + kSummaryPrefetch < n_cand) {
-      attention_vec::prefetch_block(kv.block_summary(pages[b_lo + i + kSummaryPrefetch], layer, head),
-                                    kv.summary_bytes());
+      attention_vec::prefetch_block(
+          kv.block_summary(pages[b_lo + i + kSummaryPrefetch], layer, head), kv.summary_bytes());
     }
     const T* mn = reinterpret_cast<const T*>(kv.block_summary(pages[b_lo + i], layer, head));
     scores[i] = summary_score(q_mean, mn, mn + hd, hd);
@@ -141,9 +143,9 @@ constexpr int32_t kPrefetchAhead = 8;
 
 // attention_sparse_partial for pool elements of type T (float, Half, BHalf), read in place.
 template <typename T>
-void sparse_partial(const float* q, int32_t group, float scale, KVCache& kv, const int32_t* pages, int32_t layer,
-                    int32_t head, const int32_t* blocks, int32_t n_blocks, int64_t lo, int64_t pos, float* work,
-                    float* out, float* m, float* l) {
+void sparse_partial(const float* q, int32_t group, float scale, KVCache& kv, const int32_t* pages,
+                    int32_t layer, int32_t head, const int32_t* blocks, int32_t n_blocks,
+                    int64_t lo, int64_t pos, float* work, float* out, float* m, float* l) {
   const KVCacheConfig& c = kv.config();
   const int64_t hd = c.head_dim, ps = c.page_size, bw = kPartialPages * ps;
   const int64_t block_bytes = kv.block_bytes();
@@ -165,7 +167,8 @@ void sparse_partial(const float* q, int32_t group, float scale, KVCache& kv, con
     int64_t n_valid = 0;
     for (int32_t b = 0; b < np; ++b) {
       const int64_t p0 = int64_t(blocks[i0 + b]) * ps;
-      const int64_t j0 = std::max(p0, lo) - p0, j1 = std::min(p0 + ps - 1, pos) - p0;  // valid slots
+      const int64_t j0 = std::max(p0, lo) - p0,
+                    j1 = std::min(p0 + ps - 1, pos) - p0;  // valid slots
       const int32_t page = pages[blocks[i0 + b]];
       if (i0 + b + kPrefetchAhead < n_blocks) {
         const int32_t ahead = pages[blocks[i0 + b + kPrefetchAhead]];
@@ -176,12 +179,14 @@ void sparse_partial(const float* q, int32_t group, float scale, KVCache& kv, con
       blk.j0[b] = j0;
       blk.j1[b] = j1;
       if (j0 > j1) {
-        for (int32_t g = 0; g < group; ++g) std::fill(s + g * bw + b * ps, s + g * bw + (b + 1) * ps, kNegInf);
+        for (int32_t g = 0; g < group; ++g)
+          std::fill(s + g * bw + b * ps, s + g * bw + (b + 1) * ps, kNegInf);
         continue;
       }
       n_valid += j1 - j0 + 1;
       // The group's heads in one pass over the K page.
-      attention_vec::page_scores(q, group, hd, reinterpret_cast<const T*>(kv.k_block(page, layer, head)), ps,
+      attention_vec::page_scores(q, group, hd,
+                                 reinterpret_cast<const T*>(kv.k_block(page, layer, head)), ps,
                                  s + b * ps, bw);
       if (j0 > 0 || j1 < ps - 1) {  // slots outside [lo, pos] (stale, NaN included) drop out
         for (int32_t g = 0; g < group; ++g) {
@@ -206,25 +211,28 @@ void sparse_partial(const float* q, int32_t group, float scale, KVCache& kv, con
       for (int32_t g = 0; g < group; ++g) exp_inplace(s + g * bw, width);
     }
     exp_inplace(alpha, group);
-    for (int32_t g = 0; g < group; ++g) l[g] = l[g] * alpha[g] + attention_vec::row_sum(s + g * bw, width);
+    for (int32_t g = 0; g < group; ++g)
+      l[g] = l[g] * alpha[g] + attention_vec::row_sum(s + g * bw, width);
     attention_vec::block_pv(s, group, bw, alpha, blk, hd, out);
   }
 }
 
 }  // namespace
 
-void attention_sparse_partial(const float* q, int32_t group, float scale, KVCache& kv, const int32_t* pages,
-                              int32_t layer, int32_t head, const int32_t* blocks, int32_t n_blocks, int64_t lo,
-                              int64_t pos, float* work, float* out, float* m, float* l) {
+void attention_sparse_partial(const float* q, int32_t group, float scale, KVCache& kv,
+                              const int32_t* pages, int32_t layer, int32_t head,
+                              const int32_t* blocks, int32_t n_blocks, int64_t lo, int64_t pos,
+                              float* work, float* out, float* m, float* l) {
   switch (kv.config().dtype) {
     case KVDType::F32:
-      return sparse_partial<float>(q, group, scale, kv, pages, layer, head, blocks, n_blocks, lo, pos, work, out, m, l);
+      return sparse_partial<float>(q, group, scale, kv, pages, layer, head, blocks, n_blocks, lo,
+                                   pos, work, out, m, l);
     case KVDType::F16:
-      return sparse_partial<attention_vec::Half>(q, group, scale, kv, pages, layer, head, blocks, n_blocks, lo, pos,
-                                                 work, out, m, l);
+      return sparse_partial<attention_vec::Half>(q, group, scale, kv, pages, layer, head, blocks,
+                                                 n_blocks, lo, pos, work, out, m, l);
     case KVDType::BF16:
-      return sparse_partial<attention_vec::BHalf>(q, group, scale, kv, pages, layer, head, blocks, n_blocks, lo,
-                                                  pos, work, out, m, l);
+      return sparse_partial<attention_vec::BHalf>(q, group, scale, kv, pages, layer, head, blocks,
+                                                  n_blocks, lo, pos, work, out, m, l);
   }
 }
 
@@ -318,7 +326,8 @@ void BlockSparseDecode::finish_plan(int n_threads) {
   grow(part_m_, n_items * n_splits_ * group_);
   grow(part_l_, n_items * n_splits_ * group_);
   thread_scratch_len_ = std::max<int64_t>(
-      thread_scratch_len_, head_dim_ + 2 * cap_blocks_ + attention_partial_work_floats(group_, page_size_, head_dim_));
+      thread_scratch_len_,
+      head_dim_ + 2 * cap_blocks_ + attention_partial_work_floats(group_, page_size_, head_dim_));
   grow(thread_scratch_, n_threads * thread_scratch_len_);
 }
 

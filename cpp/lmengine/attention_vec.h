@@ -69,7 +69,8 @@ inline v8f load8(const Half* p) {
 
 inline v8f load8(const BHalf* p) {
 #if defined(__AVX2__)
-  return as_v8f(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+  return as_v8f(_mm256_slli_epi32(
+      _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
 #else
   return load8_each(p);
 #endif
@@ -120,7 +121,8 @@ inline void scores_rows(const float* q, int64_t hd, const T* kt, float* s, int64
 
 // The last rem (< MR) rows in one block of rem rows.
 template <int MR, int NV, typename T>
-inline void scores_tail(int32_t rem, const float* q, int64_t hd, const T* kt, float* s, int64_t lds) {
+inline void scores_tail(int32_t rem, const float* q, int64_t hd, const T* kt, float* s,
+                        int64_t lds) {
   if constexpr (MR > 1) {
     if (rem == MR - 1) return scores_rows<MR - 1, NV>(q, hd, kt, s, lds);
     return scores_tail<MR - 1, NV>(rem, q, hd, kt, s, lds);
@@ -128,15 +130,16 @@ inline void scores_tail(int32_t rem, const float* q, int64_t hd, const T* kt, fl
 }
 
 template <int MR, int NV, typename T>
-inline void scores_all(const float* q, int32_t rows, int64_t hd, const T* kt, float* s, int64_t lds) {
+inline void scores_all(const float* q, int32_t rows, int64_t hd, const T* kt, float* s,
+                       int64_t lds) {
   int32_t r = 0;
   for (; r + MR <= rows; r += MR) scores_rows<MR, NV>(q + r * hd, hd, kt, s + r * lds, lds);
   if (r < rows) scores_tail<MR, NV>(rows - r, q + r * hd, hd, kt, s + r * lds, lds);
 }
 
 template <typename T>
-inline void scores_generic(const float* q, int32_t rows, int64_t hd, const T* kt, int64_t ps, float* s,
-                           int64_t lds) {
+inline void scores_generic(const float* q, int32_t rows, int64_t hd, const T* kt, int64_t ps,
+                           float* s, int64_t lds) {
   for (int32_t r = 0; r < rows; ++r) {
     float* sr = s + r * lds;
     for (int64_t j = 0; j < ps; ++j) sr[j] = 0.f;
@@ -198,7 +201,8 @@ using PVBlock = PVBlockT<float>;
 // for MR rows, one 16-column block of head_dim at a time (MR x 2 accumulators held in registers
 // across all pages of the softmax block, so o is loaded and stored once per block).
 template <int MR, typename T>
-inline void pv_rows(const float* p, int64_t ldp, const float* alpha, const PVBlockT<T>& blk, int64_t hd, float* o) {
+inline void pv_rows(const float* p, int64_t ldp, const float* alpha, const PVBlockT<T>& blk,
+                    int64_t hd, float* o) {
   for (int64_t c = 0; c < hd; c += 16) {
     v8f acc[MR][2];
 #pragma GCC unroll 8
@@ -227,8 +231,8 @@ inline void pv_rows(const float* p, int64_t ldp, const float* alpha, const PVBlo
 }
 
 template <typename T>
-inline void block_pv(const float* p, int32_t rows, int64_t ldp, const float* alpha, const PVBlockT<T>& blk,
-                     int64_t hd, float* o) {
+inline void block_pv(const float* p, int32_t rows, int64_t ldp, const float* alpha,
+                     const PVBlockT<T>& blk, int64_t hd, float* o) {
   if (hd % 16 == 0) {
     int32_t r = 0;
     for (; r + 6 <= rows; r += 6) pv_rows<6>(p + r * ldp, ldp, alpha + r, blk, hd, o + r * hd);

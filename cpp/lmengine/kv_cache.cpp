@@ -17,7 +17,8 @@ int64_t kv_dtype_bytes(KVDType t) { return t == KVDType::F32 ? 4 : 2; }
 PoolMemory::PoolMemory(int64_t bytes) {
   if (bytes <= 0) return;
 #if defined(__linux__)
-  void* p = mmap(nullptr, static_cast<size_t>(bytes), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  void* p = mmap(nullptr, static_cast<size_t>(bytes), PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (p == MAP_FAILED) return;
 #if defined(MADV_HUGEPAGE)
   madvise(p, static_cast<size_t>(bytes), MADV_HUGEPAGE);  // advice only: failure leaves 4 KiB pages

@@ -79,9 +79,12 @@ class KVCache {
   // Pages per group of the pool layout (above); the pools hold n_pages rounded up to a multiple.
   static constexpr int64_t kPageGroup = 32;
   int64_t pool_bytes() const {
-    return allocated_pages() * config_.n_layers * config_.n_kv_heads * (2 * block_bytes() + summary_bytes());
+    return allocated_pages() * config_.n_layers * config_.n_kv_heads *
+           (2 * block_bytes() + summary_bytes());
   }
-  int64_t allocated_pages() const { return (config_.n_pages + kPageGroup - 1) / kPageGroup * kPageGroup; }
+  int64_t allocated_pages() const {
+    return (config_.n_pages + kPageGroup - 1) / kPageGroup * kPageGroup;
+  }
   int64_t free_pages() const { return static_cast<int64_t>(free_list_.size()); }
   int64_t total_pages() const { return config_.n_pages; }
   int64_t pages_for(int64_t n_tokens) const {

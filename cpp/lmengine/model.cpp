@@ -335,7 +335,8 @@ void Engine::plan_decode_splits() {
     S.block_iota.resize(static_cast<size_t>(max_pages));
     for (size_t b = old; b < S.block_iota.size(); ++b) S.block_iota[b] = static_cast<int32_t>(b);
   }
-  S.split_work_len = attention_partial_work_floats(static_cast<int32_t>(group), static_cast<int32_t>(ps), c.head_dim);
+  S.split_work_len = attention_partial_work_floats(static_cast<int32_t>(group),
+                                                   static_cast<int32_t>(ps), c.head_dim);
   const size_t work = static_cast<size_t>(pool_.size() * S.split_work_len);
   if (S.split_work.size() < work) S.split_work.resize(work);
 }
@@ -444,9 +445,9 @@ Status Engine::step(const std::vector<StepSequence>& batch, float* logits) {
   for (auto& [window, plan] : S.chunk_plans) {
     for (int64_t b = 0, t0 = 0; b < static_cast<int64_t>(batch.size()); t0 += batch[b].n_tokens, ++b) {
       if (batch[b].n_tokens == 1) continue;
-      chunk_attention_plan_add(plan, kv_.seq_pages(batch[b].seq).data(), t0, &S.tok_pos[t0], batch[b].n_tokens,
-                               c.n_kv_heads, c.n_heads / c.n_kv_heads, kv_.config().page_size, window,
-                               kChunkSegmentKeys);
+      chunk_attention_plan_add(plan, kv_.seq_pages(batch[b].seq).data(), t0, &S.tok_pos[t0],
+                               batch[b].n_tokens, c.n_kv_heads, c.n_heads / c.n_kv_heads,
+                               kv_.config().page_size, window, kChunkSegmentKeys);
     }
     max_partials = std::max(max_partials, plan.n_partials);
   }
@@ -722,7 +723,8 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
       const int32_t seq = batch[S.tok_seq[t]].seq;
       const int64_t pos = S.tok_pos[t];
       const int64_t lo = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
-      // This item's share of the token's pages (all of them unsplit), clipped to the layer's window.
+      // This item's share of the token's pages (all of them unsplit), clipped to the layer's
+      // window.
       const int64_t n_pages = pos / page_size + 1;
       const int64_t b0 = std::max(n_pages * item.split / item.n_split, lo / page_size);
       const int64_t b1 = n_pages * (item.split + 1) / item.n_split;
@@ -730,11 +732,14 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
       float* dst = item.n_split > 1 ? &S.split_out[i0 * gw] : &S.attn[t * q_dim + int64_t(h) * gw];
       float* mx = &S.split_m[i0 * group];
       float* sum = &S.split_l[i0 * group];
-      attention_sparse_partial(&S.q[t * q_dim + int64_t(h) * gw], static_cast<int32_t>(group), c.attn_scale, kv_,
-                               kv_.seq_pages(seq).data(), l, h, S.block_iota.data() + std::min(b0, b1),
+      attention_sparse_partial(&S.q[t * q_dim + int64_t(h) * gw], static_cast<int32_t>(group),
+                               c.attn_scale, kv_, kv_.seq_pages(seq).data(), l, h,
+                               S.block_iota.data() + std::min(b0, b1),
                                static_cast<int32_t>(std::max<int64_t>(0, b1 - b0)), lo, pos,
                                &S.split_work[int64_t(pc.tid()) * S.split_work_len], dst, mx, sum);
-      if (item.n_split == 1) attention_partial_normalize(dst, sum, static_cast<int32_t>(group), static_cast<int32_t>(hd));
+      if (item.n_split == 1)
+        attention_partial_normalize(dst, sum, static_cast<int32_t>(group),
+                                    static_cast<int32_t>(hd));
     });
     if (!chunk_plan.merges.empty()) {
       pc.for_chunks(static_cast<int64_t>(chunk_plan.merges.size()), 1, [&](int64_t i0, int64_t) {
