@@ -384,6 +384,43 @@ def test_rectification_rewrites_kv_to_dense(resa_llm, english_text):
         eng.seq_free(sparse)
 
 
+def test_selection_split_into_scoring_runs_is_invisible(resa_llm, english_text):
+    """The engine scores a token's candidate blocks in work items of `sparse_score_blocks`
+    blocks: runs of 3 blocks (13 per KV head here) give bit-identical sparse decode logits and
+    selection counts to a single run, and the selection is real (the logits differ from dense)."""
+    llm = resa_llm
+    ids = np.asarray(llm.tokenizer.encode(english_text)[:606], np.int32)
+    k0 = 600  # 38 candidate blocks, 4 kept (keep 0.1, n_min 2)
+    base = dict(llm.spec.core_config(1024), activation_bits=16)
+    rows, counts = {}, {}
+    for run in (3, 1 << 20):
+        eng = _core.Engine(
+            dict(base, sparse_score_blocks=run),
+            llm.checkpoint.tensors,
+            kv_pages=64,
+            page_size=16,
+            kv_dtype="f16",
+            n_threads=2,
+            block_summaries=True,
+        )
+        eng.set_sparse_attention(0.1, 2, 1, 1)
+        seq = eng.seq_create()
+        eng.step([seq], [ids[:k0]], [False])
+        out = [eng.step([seq], [ids[i : i + 1]], [True], [True]) for i in range(k0, len(ids))]
+        rows[run], counts[run] = np.concatenate(out), eng.sparse_counters()
+        if run == 3:
+            eng.seq_truncate(seq, k0)
+            dense = np.concatenate(
+                [eng.step([seq], [ids[i : i + 1]], [True]) for i in range(k0, len(ids))]
+            )
+    np.testing.assert_array_equal(rows[3], rows[1 << 20])
+    assert counts[3] == counts[1 << 20]
+    assert counts[3]["blocks_selected"] < counts[3]["blocks_candidate"]
+    assert not np.array_equal(rows[3], dense)
+    with pytest.raises(InvalidRequestError, match="sparse_score_blocks"):
+        _core.Engine(dict(base, sparse_score_blocks=0), llm.checkpoint.tensors, kv_pages=4)
+
+
 def test_sparse_counters(resa_llm, english_text):
     llm = resa_llm
     llm.set_attention("sparse", ReSAConfig(keep=0.1, n_min=2))

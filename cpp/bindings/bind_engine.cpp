@@ -75,6 +75,9 @@ class PyEngine {
     lme_py::moe_config_from_dict(cfg, c);
     c.decode_split_pages = cfg_get_or<int32_t>(cfg, "decode_split_pages", 16);
     if (c.decode_split_pages < 0) raise_error("InvalidRequestError", "decode_split_pages must be >= 0");
+    c.sparse_score_blocks = cfg_get_or<int32_t>(cfg, "sparse_score_blocks", 1024);
+    if (c.sparse_score_blocks < 1)
+      raise_error("InvalidRequestError", "sparse_score_blocks must be >= 1");
     c.f32_prompt_min_tokens = cfg_get_or<int32_t>(cfg, "f32_prompt_min_tokens", 8);
     if (c.f32_prompt_min_tokens < 0) {
       raise_error("InvalidRequestError", "f32_prompt_min_tokens must be >= 0");

@@ -67,57 +67,56 @@ float summary_score(const float* q, const T* mn, const T* mx, int64_t hd) {
 template <typename T>
 void score_blocks(const SparseAttentionConfig& c, const float* q_mean, KVCache& kv,
                   const int32_t* pages, int32_t layer, int32_t head, int64_t b_lo, int64_t n_cand,
-                  float* scores) {
+                  int64_t i0, int64_t i1, float* scores) {
   const int64_t hd = kv.config().head_dim;
   const float inf = std::numeric_limits<float>::infinity();
-  for (int64_t i = 0; i < n_cand; ++i) {
+  for (int64_t i = i0; i < i1; ++i) {
     if (i < c.n_sink || i >= n_cand - c.n_local) {
-      scores[i] = inf;
+      scores[i - i0] = inf;
       continue;
     }
-    if (i + kSummaryPrefetch < n_cand) {
+    if (i + kSummaryPrefetch < i1) {
       attention_vec::prefetch_block(
           kv.block_summary(pages[b_lo + i + kSummaryPrefetch], layer, head), kv.summary_bytes());
     }
     const T* mn = reinterpret_cast<const T*>(kv.block_summary(pages[b_lo + i], layer, head));
-    scores[i] = summary_score(q_mean, mn, mn + hd, hd);
+    scores[i - i0] = summary_score(q_mean, mn, mn + hd, hd);
   }
 }
 
 }  // namespace
 
-int32_t sparse_select_blocks(const SparseAttentionConfig& c, const float* q, int32_t group, float scale,
-                             KVCache& kv, const int32_t* pages, int32_t layer, int32_t head, int64_t lo,
-                             int64_t pos, float* q_mean, float* scores, int32_t* blocks) {
-  const int64_t hd = kv.config().head_dim, ps = kv.config().page_size;
-  const int64_t b_lo = lo / ps, n_cand = pos / ps - b_lo + 1;
-  const int64_t n_keep = sparse_blocks_kept(c, n_cand);
-  if (n_keep >= n_cand) {
-    for (int64_t i = 0; i < n_cand; ++i) blocks[i] = static_cast<int32_t>(b_lo + i);
-    return static_cast<int32_t>(n_cand);
-  }
+void sparse_pooled_query(const float* q, int32_t group, int32_t head_dim, float scale,
+                         float* q_mean) {
   const float w = scale / static_cast<float>(group);
-  for (int64_t d = 0; d < hd; ++d) {
+  for (int64_t d = 0; d < head_dim; ++d) {
     float acc = 0.f;
-    for (int32_t g = 0; g < group; ++g) acc += q[g * hd + d];
+    for (int32_t g = 0; g < group; ++g) acc += q[g * head_dim + d];
     q_mean[d] = acc * w;
   }
+}
+
+void sparse_score_blocks(const SparseAttentionConfig& c, const float* q_mean, KVCache& kv,
+                         const int32_t* pages, int32_t layer, int32_t head, int64_t b_lo,
+                         int64_t n_cand, int64_t i0, int64_t i1, float* scores) {
   switch (kv.config().dtype) {
     case KVDType::F32:
-      score_blocks<float>(c, q_mean, kv, pages, layer, head, b_lo, n_cand, scores);
-      break;
+      return score_blocks<float>(c, q_mean, kv, pages, layer, head, b_lo, n_cand, i0, i1, scores);
     case KVDType::F16:
-      score_blocks<attention_vec::Half>(c, q_mean, kv, pages, layer, head, b_lo, n_cand, scores);
-      break;
+      return score_blocks<attention_vec::Half>(c, q_mean, kv, pages, layer, head, b_lo, n_cand, i0,
+                                               i1, scores);
     case KVDType::BF16:
-      score_blocks<attention_vec::BHalf>(c, q_mean, kv, pages, layer, head, b_lo, n_cand, scores);
-      break;
+      return score_blocks<attention_vec::BHalf>(c, q_mean, kv, pages, layer, head, b_lo, n_cand, i0,
+                                                i1, scores);
   }
+}
+
+int32_t sparse_pick_blocks(const float* scores, int64_t n_cand, int64_t n_keep, int64_t b_lo,
+                           float* tmp, int32_t* blocks) {
   // Higher score first, then lower block (a strict order, so the kept set is unique): the
   // n_keep-th largest score is the threshold; every block above it is kept, and of the blocks
   // equal to it the lowest ones fill the rest. One pass in block order then writes the kept
   // blocks ascending (a selection on plain floats, no comparator through an index, no sort).
-  float* tmp = scores + n_cand;
   std::copy(scores, scores + n_cand, tmp);
   std::nth_element(tmp, tmp + (n_keep - 1), tmp + n_cand, std::greater<float>());
   const float thr = tmp[n_keep - 1];
@@ -129,6 +128,22 @@ int32_t sparse_select_blocks(const SparseAttentionConfig& c, const float* q, int
     if (keep) blocks[n++] = static_cast<int32_t>(b_lo + i);
   }
   return static_cast<int32_t>(n);
+}
+
+int32_t sparse_select_blocks(const SparseAttentionConfig& c, const float* q, int32_t group,
+                             float scale, KVCache& kv, const int32_t* pages, int32_t layer,
+                             int32_t head, int64_t lo, int64_t pos, float* q_mean, float* scores,
+                             int32_t* blocks) {
+  const int64_t hd = kv.config().head_dim, ps = kv.config().page_size;
+  const int64_t b_lo = lo / ps, n_cand = pos / ps - b_lo + 1;
+  const int64_t n_keep = sparse_blocks_kept(c, n_cand);
+  if (n_keep >= n_cand) {
+    for (int64_t i = 0; i < n_cand; ++i) blocks[i] = static_cast<int32_t>(b_lo + i);
+    return static_cast<int32_t>(n_cand);
+  }
+  sparse_pooled_query(q, group, static_cast<int32_t>(hd), scale, q_mean);
+  sparse_score_blocks(c, q_mean, kv, pages, layer, head, b_lo, n_cand, 0, n_cand, scores);
+  return sparse_pick_blocks(scores, n_cand, n_keep, b_lo, scores + n_cand, blocks);
 }
 
 int64_t attention_partial_work_floats(int32_t group, int32_t page_size, int32_t head_dim) {
@@ -266,9 +281,14 @@ void attention_sparse_merge(const float* part_out, const float* part_m, const fl
   }
 }
 
-BlockSparseDecode::BlockSparseDecode(int32_t n_layers, int32_t n_kv_heads, int32_t group, int32_t head_dim,
-                                     int32_t page_size)
-    : n_layers_(n_layers), n_kv_heads_(n_kv_heads), group_(group), head_dim_(head_dim), page_size_(page_size) {}
+BlockSparseDecode::BlockSparseDecode(int32_t n_layers, int32_t n_kv_heads, int32_t group,
+                                     int32_t head_dim, int32_t page_size, int32_t score_blocks)
+    : n_layers_(n_layers),
+      n_kv_heads_(n_kv_heads),
+      group_(group),
+      head_dim_(head_dim),
+      page_size_(page_size),
+      score_blocks_(std::max(1, score_blocks)) {}
 
 void BlockSparseDecode::begin_step(int64_t n_tokens) {
   if (static_cast<int64_t>(tok_sparse_.size()) < n_tokens) tok_sparse_.resize(n_tokens);
@@ -321,13 +341,14 @@ void BlockSparseDecode::finish_plan(int n_threads) {
     if (static_cast<int64_t>(v.size()) < n) v.resize(n);
   };
   grow(selected_, n_items * cap_blocks_);
+  grow(scores_, n_items * cap_blocks_);
   grow(n_selected_, n_items);
   grow(part_out_, n_items * n_splits_ * group_ * head_dim_);
   grow(part_m_, n_items * n_splits_ * group_);
   grow(part_l_, n_items * n_splits_ * group_);
   thread_scratch_len_ = std::max<int64_t>(
       thread_scratch_len_,
-      head_dim_ + 2 * cap_blocks_ + attention_partial_work_floats(group_, page_size_, head_dim_));
+      head_dim_ + cap_blocks_ + attention_partial_work_floats(group_, page_size_, head_dim_));
   grow(thread_scratch_, n_threads * thread_scratch_len_);
 }
 
@@ -339,15 +360,42 @@ void BlockSparseDecode::refresh_summaries(ParallelContext& pc, KVCache& kv, int3
   });
 }
 
-void BlockSparseDecode::select(ParallelContext& pc, KVCache& kv, int32_t layer, const float* q, int64_t q_stride,
-                               float scale) {
-  pc.for_chunks(n_sparse_ * n_kv_heads_, 1, [&](int64_t i, int64_t) {
+void BlockSparseDecode::select(ParallelContext& pc, KVCache& kv, int32_t layer, const float* q,
+                               int64_t q_stride, float scale) {
+  // Scoring is spread over (token, KV head, run of score_blocks_ candidates): with one token and
+  // 3 KV heads on 2 threads, one item per (token, head) left a thread idle a third of the time.
+  const int64_t n_items = n_sparse_ * n_kv_heads_;
+  const int64_t runs = (cap_blocks_ + score_blocks_ - 1) / score_blocks_;
+  auto candidates = [&](const SparseToken& tok, int64_t& b_lo, int64_t& n_cand) {
+    b_lo = tok.lo / page_size_;
+    n_cand = tok.pos / page_size_ - b_lo + 1;
+    return sparse_blocks_kept(config_, n_cand);
+  };
+  pc.for_chunks(n_items * runs, 1, [&](int64_t j, int64_t) {
+    const int64_t i = j / runs, i0 = (j % runs) * score_blocks_;
     const SparseToken& tok = tokens_[i / n_kv_heads_];
     const int32_t h = static_cast<int32_t>(i % n_kv_heads_);
-    float* scratch = &thread_scratch_[int64_t(pc.tid()) * thread_scratch_len_];
-    n_selected_[i] = sparse_select_blocks(config_, q + tok.t * q_stride + int64_t(h) * group_ * head_dim_, group_,
-                                          scale, kv, kv.seq_pages(tok.seq).data(), layer, h, tok.lo, tok.pos,
-                                          scratch, scratch + head_dim_, &selected_[i * cap_blocks_]);
+    int64_t b_lo, n_cand;
+    if (candidates(tok, b_lo, n_cand) >= n_cand || i0 >= n_cand) return;
+    float* q_mean = &thread_scratch_[int64_t(pc.tid()) * thread_scratch_len_];
+    sparse_pooled_query(q + tok.t * q_stride + int64_t(h) * group_ * head_dim_, group_, head_dim_,
+                        scale, q_mean);
+    sparse_score_blocks(config_, q_mean, kv, kv.seq_pages(tok.seq).data(), layer, h, b_lo, n_cand,
+                        i0, std::min(n_cand, i0 + score_blocks_), &scores_[i * cap_blocks_ + i0]);
+  });
+  pc.for_chunks(n_items, 1, [&](int64_t i, int64_t) {
+    const SparseToken& tok = tokens_[i / n_kv_heads_];
+    int64_t b_lo, n_cand;
+    const int64_t n_keep = candidates(tok, b_lo, n_cand);
+    int32_t* blocks = &selected_[i * cap_blocks_];
+    if (n_keep >= n_cand) {
+      for (int64_t b = 0; b < n_cand; ++b) blocks[b] = static_cast<int32_t>(b_lo + b);
+      n_selected_[i] = static_cast<int32_t>(n_cand);
+      return;
+    }
+    float* tmp = &thread_scratch_[int64_t(pc.tid()) * thread_scratch_len_] + head_dim_;
+    n_selected_[i] =
+        sparse_pick_blocks(&scores_[i * cap_blocks_], n_cand, n_keep, b_lo, tmp, blocks);
   });
 }
 

@@ -43,6 +43,20 @@ int32_t sparse_select_blocks(const SparseAttentionConfig& c, const float* q, int
                              KVCache& kv, const int32_t* pages, int32_t layer, int32_t head, int64_t lo,
                              int64_t pos, float* q_mean, float* scores, int32_t* blocks);
 
+// The stages of sparse_select_blocks, for callers that spread the scoring over threads.
+// q_mean[d] = scale * mean over the group of q[g][d].
+void sparse_pooled_query(const float* q, int32_t group, int32_t head_dim, float scale,
+                         float* q_mean);
+// scores[i - i0] for the candidate blocks i in [i0, i1) of the n_cand candidates starting at
+// logical block b_lo (the forced sink and local blocks score +inf).
+void sparse_score_blocks(const SparseAttentionConfig& c, const float* q_mean, KVCache& kv,
+                         const int32_t* pages, int32_t layer, int32_t head, int64_t b_lo,
+                         int64_t n_cand, int64_t i0, int64_t i1, float* scores);
+// The n_keep < n_cand best of the candidates' scores (ties: the lower block), written to blocks
+// as ascending logical block numbers; returns n_keep. tmp: n_cand floats.
+int32_t sparse_pick_blocks(const float* scores, int64_t n_cand, int64_t n_keep, int64_t b_lo,
+                           float* tmp, int32_t* blocks);
+
 // Pages per online-softmax step of attention_sparse_partial.
 constexpr int32_t kPartialPages = 4;
 
@@ -79,7 +93,8 @@ struct SparseCounters {
 // grown only), run inside it by every thread of the pool.
 class BlockSparseDecode {
  public:
-  BlockSparseDecode(int32_t n_layers, int32_t n_kv_heads, int32_t group, int32_t head_dim, int32_t page_size);
+  BlockSparseDecode(int32_t n_layers, int32_t n_kv_heads, int32_t group, int32_t head_dim,
+                    int32_t page_size, int32_t score_blocks);
 
   const SparseAttentionConfig& config() const { return config_; }
   void set_config(const SparseAttentionConfig& c) { config_ = c; }
@@ -122,6 +137,7 @@ class BlockSparseDecode {
   SparseAttentionConfig config_;
   SparseCounters counters_;
   int32_t n_layers_, n_kv_heads_, group_, head_dim_, page_size_;
+  int64_t score_blocks_;  // candidates per scoring work item
   std::vector<uint8_t> tok_sparse_;
   std::vector<SparseToken> tokens_;
   int64_t n_sparse_ = 0;
@@ -131,6 +147,7 @@ class BlockSparseDecode {
   int n_threads_ = 0;
   // Grown only:
   std::vector<int32_t> selected_;    // [sparse token][kv head][cap_blocks]
+  std::vector<float> scores_;        // [sparse token][kv head][cap_blocks]: candidates' scores
   std::vector<int32_t> n_selected_;  // [sparse token][kv head]
   std::vector<float> part_out_;      // [sparse token][kv head][split][group][head_dim]
   std::vector<float> part_m_;        // [sparse token][kv head][split][group]: running max

@@ -195,14 +195,16 @@ struct Engine::Scratch {
   std::vector<const float*> f32_rows;
 };
 
-Engine::Engine(ModelConfig config, ModelWeights weights, const KVCacheConfig& kv_config, int n_threads)
+Engine::Engine(ModelConfig config, ModelWeights weights, const KVCacheConfig& kv_config,
+               int n_threads)
     : config_(std::move(config)),
       weights_(std::move(weights)),
       kv_(kv_config),
       pool_(n_threads),
       scratch_(new Scratch),
-      sparse_(config_.n_layers, config_.n_kv_heads, config_.n_heads / std::max(1, config_.n_kv_heads),
-              config_.head_dim, kv_config.page_size) {
+      sparse_(config_.n_layers, config_.n_kv_heads,
+              config_.n_heads / std::max(1, config_.n_kv_heads), config_.head_dim,
+              kv_config.page_size, config_.sparse_score_blocks) {
   if (config_.attn_scale <= 0.f) config_.attn_scale = 1.0f / std::sqrt(static_cast<float>(config_.head_dim));
   counters_.configure(config_, weights_, kv_config);
   moe_stats_.init(config_.n_layers, config_.moe.n_experts);

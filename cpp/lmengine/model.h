@@ -62,6 +62,9 @@ struct ModelConfig {
   // Dense decode attention splits a token's context into flash-decoding parts of at least this
   // many KV pages (up to 8 parts, merged by log-sum-exp); 0: never split.
   int32_t decode_split_pages = 16;
+  // Block-sparse selection scores a token's candidate blocks in work items of this many blocks
+  // (>= 1), so one token's KV heads do not leave threads idle; the kept set does not depend on it.
+  int32_t sparse_score_blocks = 1024;
 };
 
 enum : int32_t { kActSiLU = 0, kActGeluTanh = 1 };
