@@ -12,19 +12,10 @@ namespace lme {
 
 namespace {
 
-// Eight floats as one value (one AVX register; two SSE ones, or scalar code, elsewhere): the
-// register blocking below is written out instead of left to the vectoriser. GCC/Clang contract
-// `acc += a * b` into FMA where the target has it.
-using attention_vec::load8;
-using attention_vec::v8f;
-using attention_vec::store8;
-
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 using attention_vec::block_pv;
 using attention_vec::page_scores;
-using attention_vec::row_scale_max;
-using attention_vec::row_sum;
 
 }  // namespace
 
@@ -100,34 +91,16 @@ void chunk_tile(const ChunkAttentionTile& t, KVCache& kv, float* scratch, float*
     }
 
     // Mask each row to its range (a select, so stale NaN scores vanish; -inf stays -inf through
-    // scale and shift and gives p = 0), then the online-softmax update: alpha = exp(m_old -
-    // m_new), p = exp(s - m_new), l = alpha * l + sum(p).
+    // scale and shift and gives p = 0), then the online-softmax update.
     const int64_t width = n_pages * ps;
     for (int32_t r = 0; r < R; ++r) {
       const int32_t i = r / G;
       float* row = s + r * bw;
       const int64_t rlo = std::max(lo[i], b0) - b0, rhi = std::min(hi[i], b0 + width - 1) - b0;
-      if (rlo > rhi) {
-        for (int64_t j = 0; j < width; ++j) row[j] = kNegInf;
-        alpha[r] = 0.f;  // exp(0) = 1: nothing changes
-        continue;
-      }
-      for (int64_t j = 0; j < rlo; ++j) row[j] = kNegInf;
-      for (int64_t j = rhi + 1; j < width; ++j) row[j] = kNegInf;
-      // Scaled after the dot product (not folded into q) so a large scale adds no rounding.
-      const float mx = row_scale_max(row, width, t.scale);
-      const float m_new = std::max(m[r], mx);
-      alpha[r] = m[r] - m_new;  // -inf on the row's first keys: exp gives 0
-      for (int64_t j = 0; j < width; ++j) row[j] -= m_new;
-      m[r] = m_new;
+      for (int64_t j = 0; j < std::min(rlo, width); ++j) row[j] = kNegInf;
+      for (int64_t j = std::max<int64_t>(rhi + 1, 0); j < width; ++j) row[j] = kNegInf;
     }
-    if (width == bw) {
-      exp_inplace(s, R * bw);
-    } else {
-      for (int32_t r = 0; r < R; ++r) exp_inplace(s + r * bw, width);
-    }
-    exp_inplace(alpha, R);
-    for (int32_t r = 0; r < R; ++r) l[r] = l[r] * alpha[r] + row_sum(s + r * bw, width);
+    attention_vec::online_softmax_step(s, R, bw, width, t.scale, m, l, alpha);
     attention_vec::PVBlockT<T> blk;
     blk.n_pages = n_pages;
     blk.ps = ps;

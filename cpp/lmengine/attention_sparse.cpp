@@ -212,22 +212,7 @@ void sparse_partial(const float* q, int32_t group, float scale, KVCache& kv, con
       }
     }
     if (n_valid == 0) continue;
-    const int64_t width = int64_t(np) * ps;
-    for (int32_t g = 0; g < group; ++g) {
-      float* row = s + g * bw;
-      const float m_new = std::max(m[g], attention_vec::row_scale_max(row, width, scale));
-      alpha[g] = m[g] - m_new;  // -inf before the first keys: exp gives 0
-      for (int64_t j = 0; j < width; ++j) row[j] -= m_new;
-      m[g] = m_new;
-    }
-    if (width == bw) {
-      exp_inplace(s, group * bw);
-    } else {
-      for (int32_t g = 0; g < group; ++g) exp_inplace(s + g * bw, width);
-    }
-    exp_inplace(alpha, group);
-    for (int32_t g = 0; g < group; ++g)
-      l[g] = l[g] * alpha[g] + attention_vec::row_sum(s + g * bw, width);
+    attention_vec::online_softmax_step(s, group, bw, int64_t(np) * ps, scale, m, l, alpha);
     attention_vec::block_pv(s, group, bw, alpha, blk, hd, out);
   }
 }

@@ -171,21 +171,6 @@ inline void page_scores(const float* q, int32_t rows, int64_t hd, const T* kt, i
   }
 }
 
-// out[0..HD) += sum_j p[j] * v[j][0..HD), the accumulator held in registers across the rows.
-template <int HD>
-inline void weighted_rows(const float* p, const float* v, int64_t n, float* out) {
-  constexpr int kVecs = HD / 8;
-  v8f acc[kVecs];
-#pragma GCC unroll 16
-  for (int i = 0; i < kVecs; ++i) acc[i] = load8(out + 8 * i);
-  for (int64_t j = 0; j < n; ++j) {
-    const float pj = p[j];
-#pragma GCC unroll 16
-    for (int i = 0; i < kVecs; ++i) acc[i] += pj * load8(v + j * HD + 8 * i);
-  }
-  for (int i = 0; i < kVecs; ++i) __builtin_memcpy(out + 8 * i, &acc[i], sizeof(v8f));
-}
-
 // The V side of one softmax block: its pages, and per page the slot range [j0, j1] some row
 // may use (empty when j0 > j1). Column j of page b is column b * ps + j of the score rows.
 template <typename T>
@@ -310,19 +295,39 @@ inline float row_sum(const float* row, int64_t n) {
   return sum;
 }
 
+// One online-softmax step of `rows` score rows (row stride ldp) over their first `width`
+// columns, masked beforehand with -inf: scales them (after the dot product, so a large scale adds
+// no rounding), raises m[r] to the step's max, turns the row into p = exp(s - m[r]) and sets
+// alpha[r] = exp(m_old - m_new), the factor the running output and sum take; l[r] = alpha * l +
+// sum(p). A row with no key in the step keeps m and l (alpha 1, p 0).
+inline void online_softmax_step(float* s, int32_t rows, int64_t ldp, int64_t width, float scale,
+                                float* m, float* l, float* alpha) {
+  for (int32_t r = 0; r < rows; ++r) {
+    float* row = s + r * ldp;
+    const float mx = row_scale_max(row, width, scale);
+    if (mx == -__builtin_inff()) {
+      alpha[r] = 0.f;  // exp(0) = 1; the row's -inf give p = 0
+      continue;
+    }
+    const float m_new = m[r] > mx ? m[r] : mx;
+    alpha[r] = m[r] - m_new;  // -inf on the row's first keys: exp gives 0
+    for (int64_t j = 0; j < width; ++j) row[j] -= m_new;
+    m[r] = m_new;
+  }
+  if (width == ldp) {
+    exp_inplace(s, rows * ldp);
+  } else {
+    for (int32_t r = 0; r < rows; ++r) exp_inplace(s + r * ldp, width);
+  }
+  exp_inplace(alpha, rows);
+  for (int32_t r = 0; r < rows; ++r) l[r] = l[r] * alpha[r] + row_sum(s + r * ldp, width);
+}
+
 // Asks the cache hierarchy for the next block a loop will read (KV blocks are scattered over the
 // pool, one per page, layer and head, so the hardware prefetchers cannot run ahead across them).
 inline void prefetch_block(const void* block, int64_t bytes) {
   const char* p = static_cast<const char*>(block);
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 2);  // into L2
-}
-
-// A K or V block as fp32: the block itself in an fp32 cache, else its first n elements converted
-// into buf.
-inline const float* kv_block_f32(const void* block, int32_t kv_dtype, float* buf, int64_t n) {
-  if (kv_dtype == static_cast<int32_t>(KVDType::F32)) return static_cast<const float*>(block);
-  kv_to_f32(kv_dtype, block, buf, n);
-  return buf;
 }
 
 }  // namespace attention_vec
