@@ -26,6 +26,7 @@
 
 #include "dequant_formats.cuh"
 #include "kernels.cuh"
+#include "lmengine/moe_group_score.h"
 #include "lmengine/quant.h"
 
 namespace lme {
@@ -256,17 +257,7 @@ __global__ void __launch_bounds__(kRouteWarps* kWarpSize) route_kernel(const Rou
     // (ties: lower group) keep their experts.
     const int32_t gs = E / a.n_group;
     for (int32_t g = lane; g < a.n_group; g += kWarpSize) {
-      float b1 = -INFINITY, b2 = -INFINITY;
-      for (int32_t i = 0; i < gs; ++i) {
-        const float v = choice[g * gs + i];
-        if (v > b1) {
-          b2 = b1;
-          b1 = v;
-        } else if (v > b2) {
-          b2 = v;
-        }
-      }
-      group_score[warp][g] = gs >= 2 ? b1 + b2 : b1;
+      group_score[warp][g] = moe_group_score(choice + g * gs, gs);
       group_kept[warp][g] = false;
     }
     __syncwarp();
@@ -535,30 +526,29 @@ int cuda_moe_forward(const CudaMoEArgs& a, void* stream) {
   // Row tiles are grid.y.
   LME_CUDA_REQUIRE(ceil_div(std::max({E, ff, ffs, d}), kProductWarps) <= 65535,
                    "cuda_moe_forward: a weight matrix has more than 262140 rows");
-  int s;
-  if ((s = check_weight_type(a.router_type, d,
-                             "cuda_moe_forward: router type unsupported or "
-                             "its block size does not divide d")) != kCudaOk)
-    return s;
-  if ((s = check_weight_type(a.gate_up_type, d,
-                             "cuda_moe_forward: expert gate/up type "
-                             "unsupported or its block size does not divide "
-                             "d")) != kCudaOk)
-    return s;
-  if ((s = check_weight_type(a.down_type, ff,
-                             "cuda_moe_forward: expert down type unsupported "
-                             "or its block size does not divide d_ff")) != kCudaOk)
-    return s;
-  if (ffs > 0) {
-    if ((s = check_weight_type(a.shared_gate_up_type, d,
-                               "cuda_moe_forward: shared gate/up type unsupported or its block "
-                               "size does not divide d")) != kCudaOk)
-      return s;
-    if ((s = check_weight_type(a.shared_down_type, ffs,
-                               "cuda_moe_forward: shared down type unsupported or its block size "
-                               "does not divide d_ff_shared")) != kCudaOk)
-      return s;
+  // Each weight matrix: its type, its row length, and what to call it in the error.
+  const struct {
+    int32_t type;
+    int64_t cols;
+    const char* message;
+  } matrices[] = {
+      {a.router_type, d,
+       "cuda_moe_forward: router type unsupported or its block size does not divide d"},
+      {a.gate_up_type, d,
+       "cuda_moe_forward: expert gate/up type unsupported or its block size does not divide d"},
+      {a.down_type, ff,
+       "cuda_moe_forward: expert down type unsupported or its block size does not divide d_ff"},
+      {a.shared_gate_up_type, d,
+       "cuda_moe_forward: shared gate/up type unsupported or its block size does not divide d"},
+      {a.shared_down_type, ffs,
+       "cuda_moe_forward: shared down type unsupported or its block size does not divide "
+       "d_ff_shared"},
+  };
+  for (int i = 0; i < (ffs > 0 ? 5 : 3); ++i) {  // the last two only with a shared expert
+    const int status = check_weight_type(matrices[i].type, matrices[i].cols, matrices[i].message);
+    if (status != kCudaOk) return status;
   }
+  int s;
   const cudaStream_t st = as_stream(stream);
   if (T == 0) {
     if (a.counts != nullptr) LME_CUDA_TRY(cudaMemsetAsync(a.counts, 0, 8 * E, st));

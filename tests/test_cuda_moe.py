@@ -19,7 +19,15 @@ from gguf.constants import GGMLQuantizationType as G
 from lmengine import _core
 from lmengine.errors import InvalidRequestError, ModelFileError, UnsupportedModelError
 from test_cuda_kernels import dequantize_rows, make_weights
-from test_moe_dispatch import as_weight, make_layer, moe_reference, rel_err
+from test_cuda_kernels import needs_gpu as cuda_needs_gpu
+from test_moe_dispatch import (
+    as_weight,
+    layer_core_args,
+    layer_reference,
+    layer_shared,
+    make_layer,
+    rel_err,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Tolerance: max |out - ref| <= MOE_TOL * max |ref| over the whole [T, d] output, for every weight
@@ -32,55 +40,24 @@ MOE_TOL = 1e-4
 
 CUDA = getattr(_core, "cuda", None)
 MOE_COMPILED = CUDA is not None and _core.cuda_compiled() and hasattr(CUDA, "moe_forward")
-GPU = MOE_COMPILED and _core.cuda_available()
 
 needs_moe_kernels = pytest.mark.skipif(not MOE_COMPILED, reason="built without the CUDA kernels")
 
 
 def needs_gpu(test):
-    skip = pytest.mark.skipif(not GPU, reason="no usable CUDA device (or built without CUDA)")
-    return pytest.mark.gpu(skip(test))
+    return needs_moe_kernels(cuda_needs_gpu(test))
 
 
 BLOCK_KINDS = ["Q8_0", "Q4_0", "Q4_1", "Q5_0"]
 KINDS = ["F32", "F16", "BF16", *BLOCK_KINDS]
 
 
-def core_args(layer, top_k):
-    return (
-        layer["router"][0],
-        [g[0] for g in layer["gate"]],
-        [u[0] for u in layer["up"]],
-        [w[0] for w in layer["down"]],
-        top_k,
-    )
-
-
 def run_both(layer, x, top_k, **routing):
     """(out, counts) of the device and of the reference, for kernels.moe_forward-style kwargs."""
-    shared = layer.get("shared")
     out, counts = CUDA.moe_forward(
-        x,
-        *core_args(layer, top_k),
-        shared=None if shared is None else tuple(s[0] for s in shared),
-        **routing,
+        x, *layer_core_args(layer, top_k), shared=layer_shared(layer, 0), **routing
     )
-    ref, ref_counts = moe_reference(
-        x,
-        layer["router"][1],
-        [g[1] for g in layer["gate"]],
-        [u[1] for u in layer["up"]],
-        [w[1] for w in layer["down"]],
-        top_k,
-        scoring=routing.get("scoring", "softmax"),
-        norm=routing.get("norm_topk_prob", False),
-        n_group=routing.get("n_group", 1),
-        topk_group=routing.get("topk_group", 1),
-        rsf=routing.get("routed_scaling_factor", 1.0),
-        bias=routing.get("score_bias"),
-        shared=None if shared is None else tuple(s[1] for s in shared),
-        shared_gate_inp=routing.get("shared_gate_inp"),
-    )
+    ref, ref_counts = layer_reference(layer, x, top_k, **routing)
     return out, counts, ref, ref_counts
 
 
@@ -235,7 +212,7 @@ def test_moe_is_deterministic_and_batch_invariant():
     (every pair runs the same instructions whatever else shares its tile)."""
     rng = np.random.default_rng(8)
     layer = make_layer(rng, 8, 64, 96, "Q4_0", shared_ff=32)
-    args = core_args(layer, 2)
+    args = layer_core_args(layer, 2)
     shared = tuple(s[0] for s in layer["shared"])
     gate_inp = (rng.standard_normal(64) / 8).astype(np.float32)
     x = rng.standard_normal((40, 64)).astype(np.float32)
@@ -253,8 +230,8 @@ def test_moe_counts_match_the_cpu_dispatch():
     rng = np.random.default_rng(9)
     layer = make_layer(rng, 64, 64, 32, "Q4_0", router_gain=3.0)
     x = rng.standard_normal((50, 64)).astype(np.float32)
-    _, counts = CUDA.moe_forward(x, *core_args(layer, 8))
-    _, cpu_counts = _core.kernels.moe_forward(x, *core_args(layer, 8))
+    _, counts = CUDA.moe_forward(x, *layer_core_args(layer, 8))
+    _, cpu_counts = _core.kernels.moe_forward(x, *layer_core_args(layer, 8))
     np.testing.assert_array_equal(counts, cpu_counts)
 
 
@@ -270,7 +247,7 @@ def small_layer(rng, E=4, d=64, ff=32):
 def test_moe_rejects_bad_layers_before_the_device():
     rng = np.random.default_rng(0)
     layer = small_layer(rng)
-    router, gate, up, down, _ = core_args(layer, 2)
+    router, gate, up, down, _ = layer_core_args(layer, 2)
     x = np.zeros((3, 64), dtype=np.float32)
     with pytest.raises(ModelFileError, match="ffn_up_exps holds 3 experts"):
         CUDA.moe_forward(x, router, gate, up[:3], down, 2)
@@ -323,4 +300,4 @@ def test_moe_forward_without_a_device_raises_or_is_absent():
         pytest.skip("a CUDA device is present")
     layer = small_layer(np.random.default_rng(1))
     with pytest.raises(RuntimeError, match="no CUDA device"):
-        CUDA.moe_forward(np.ones((2, 64), np.float32), *core_args(layer, 2))
+        CUDA.moe_forward(np.ones((2, 64), np.float32), *layer_core_args(layer, 2))

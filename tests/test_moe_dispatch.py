@@ -140,40 +140,53 @@ def make_layer(rng, E, d, ff, kind, shared_ff=0, router_gain=1.0):
     return layer
 
 
-def run_both(layer, x, top_k, activation_bits=16, **routing):
-    core_kwargs = dict(routing)
-    ref_kwargs = dict(
-        scoring=routing.get("scoring", "softmax"),
-        norm=routing.get("norm_topk_prob", False),
-        n_group=routing.get("n_group", 1),
-        topk_group=routing.get("topk_group", 1),
-        rsf=routing.get("routed_scaling_factor", 1.0),
-        bias=routing.get("score_bias"),
-        shared_gate_inp=routing.get("shared_gate_inp"),
-    )
-    shared = layer.get("shared")
-    out, counts = _core.kernels.moe_forward(
-        x,
+def layer_core_args(layer, top_k):
+    """The positional weight arguments of kernels.moe_forward (and its CUDA twin) for a layer."""
+    return (
         layer["router"][0],
         [g[0] for g in layer["gate"]],
         [u[0] for u in layer["up"]],
         [w[0] for w in layer["down"]],
         top_k,
-        shared=None if shared is None else tuple(s[0] for s in shared),
-        activation_bits=activation_bits,
-        n_threads=2,
-        **core_kwargs,
     )
-    ref, ref_counts = moe_reference(
+
+
+def layer_shared(layer, i):
+    """The shared expert's core weights (i = 0) or float weights (i = 1), or None."""
+    shared = layer.get("shared")
+    return None if shared is None else tuple(s[i] for s in shared)
+
+
+def layer_reference(layer, x, top_k, **routing):
+    """moe_reference over the layer's float weights, for kernels.moe_forward-style kwargs."""
+    return moe_reference(
         x,
         layer["router"][1],
         [g[1] for g in layer["gate"]],
         [u[1] for u in layer["up"]],
         [w[1] for w in layer["down"]],
         top_k,
-        shared=None if shared is None else tuple(s[1] for s in shared),
-        **ref_kwargs,
+        scoring=routing.get("scoring", "softmax"),
+        norm=routing.get("norm_topk_prob", False),
+        n_group=routing.get("n_group", 1),
+        topk_group=routing.get("topk_group", 1),
+        rsf=routing.get("routed_scaling_factor", 1.0),
+        bias=routing.get("score_bias"),
+        shared=layer_shared(layer, 1),
+        shared_gate_inp=routing.get("shared_gate_inp"),
     )
+
+
+def run_both(layer, x, top_k, activation_bits=16, **routing):
+    out, counts = _core.kernels.moe_forward(
+        x,
+        *layer_core_args(layer, top_k),
+        shared=layer_shared(layer, 0),
+        activation_bits=activation_bits,
+        n_threads=2,
+        **routing,
+    )
+    ref, ref_counts = layer_reference(layer, x, top_k, **routing)
     return out, counts, ref, ref_counts
 
 

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <limits>
 
+#include "lmengine/moe_group_score.h"
 #include "lmengine/ops.h"
 
 namespace lme {
@@ -127,17 +128,7 @@ void route_token(const MoEConfig& c, const float* logits, const float* bias, flo
     float group_score[256];
     bool keep[256];
     for (int32_t g = 0; g < c.n_group; ++g) {
-      float b1 = neg_inf, b2 = neg_inf;
-      for (int32_t i = 0; i < gs; ++i) {
-        const float v = choice[g * gs + i];
-        if (v > b1) {
-          b2 = b1;
-          b1 = v;
-        } else if (v > b2) {
-          b2 = v;
-        }
-      }
-      group_score[g] = gs >= 2 ? b1 + b2 : b1;
+      group_score[g] = moe_group_score(choice + g * gs, gs);
       keep[g] = false;
     }
     for (int32_t j = 0; j < c.topk_group; ++j) {
