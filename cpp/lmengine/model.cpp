@@ -72,7 +72,7 @@ Status validate_model(const ModelConfig& c, const ModelWeights& w) {
   if (c.n_heads % c.n_kv_heads != 0) {
     return Status::Error(StatusCode::kBadModel, "n_heads must be a multiple of n_kv_heads");
   }
-  if (c.head_dim > 4096) {  // the attention and block-summary kernels' stack rows
+  if (c.head_dim > 4096) {  // a sanity bound: no supported architecture comes near it
     return Status::Error(StatusCode::kBadModel, "head_dim " + std::to_string(c.head_dim) + " exceeds 4096");
   }
   if (c.head_dim % 2 != 0 || static_cast<int32_t>(c.rope_inv_freq.size()) != c.head_dim / 2) {
@@ -176,10 +176,10 @@ struct Engine::Scratch {
   };
   std::vector<DecodeItem> decode_items;
   std::vector<std::pair<int64_t, int32_t>> split_merges;
-  std::vector<float> split_out, split_m, split_l;
-  std::vector<int32_t> block_iota;  // 0, 1, 2, ...: the block list of a dense split
-  std::vector<float> split_work;    // [thread][split_work_len]
-  int64_t split_work_len = 0;
+  std::vector<float> split_out, decode_m, decode_l;
+  std::vector<int32_t> block_iota;  // 0, 1, 2, ...: the block list of dense decode items
+  std::vector<float> decode_work;   // [thread][decode_work_len]
+  int64_t decode_work_len = 0;
   int64_t chunk_tmp_len = 0;
   ChunkAttentionPlan& plan_for_window(int32_t window) {
     for (auto& [w, plan] : chunk_plans) {
@@ -328,19 +328,19 @@ void Engine::plan_decode_splits() {
   if (!S.split_merges.empty() && S.split_out.size() < n_items * group * c.head_dim) {
     S.split_out.resize(n_items * group * c.head_dim);
   }
-  if (S.split_m.size() < n_items * group) {
-    S.split_m.resize(n_items * group);
-    S.split_l.resize(n_items * group);
+  if (S.decode_m.size() < n_items * group) {
+    S.decode_m.resize(n_items * group);
+    S.decode_l.resize(n_items * group);
   }
   if (static_cast<int64_t>(S.block_iota.size()) < max_pages) {
     const size_t old = S.block_iota.size();
     S.block_iota.resize(static_cast<size_t>(max_pages));
     for (size_t b = old; b < S.block_iota.size(); ++b) S.block_iota[b] = static_cast<int32_t>(b);
   }
-  S.split_work_len = attention_partial_work_floats(static_cast<int32_t>(group),
-                                                   static_cast<int32_t>(ps), c.head_dim);
-  const size_t work = static_cast<size_t>(pool_.size() * S.split_work_len);
-  if (S.split_work.size() < work) S.split_work.resize(work);
+  S.decode_work_len = attention_partial_work_floats(static_cast<int32_t>(group),
+                                                    static_cast<int32_t>(ps), c.head_dim);
+  const size_t work = static_cast<size_t>(pool_.size() * S.decode_work_len);
+  if (S.decode_work.size() < work) S.decode_work.resize(work);
 }
 
 Status Engine::step(const std::vector<StepSequence>& batch, float* logits) {
@@ -732,13 +732,13 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
       const int64_t b1 = n_pages * (item.split + 1) / item.n_split;
       const int64_t gw = group * hd;
       float* dst = item.n_split > 1 ? &S.split_out[i0 * gw] : &S.attn[t * q_dim + int64_t(h) * gw];
-      float* mx = &S.split_m[i0 * group];
-      float* sum = &S.split_l[i0 * group];
+      float* mx = &S.decode_m[i0 * group];
+      float* sum = &S.decode_l[i0 * group];
       attention_sparse_partial(&S.q[t * q_dim + int64_t(h) * gw], static_cast<int32_t>(group),
                                c.attn_scale, kv_, kv_.seq_pages(seq).data(), l, h,
                                S.block_iota.data() + std::min(b0, b1),
                                static_cast<int32_t>(std::max<int64_t>(0, b1 - b0)), lo, pos,
-                               &S.split_work[int64_t(pc.tid()) * S.split_work_len], dst, mx, sum);
+                               &S.decode_work[int64_t(pc.tid()) * S.decode_work_len], dst, mx, sum);
       if (item.n_split == 1)
         attention_partial_normalize(dst, sum, static_cast<int32_t>(group),
                                     static_cast<int32_t>(hd));
@@ -753,8 +753,9 @@ void Engine::forward(ParallelContext& pc, const std::vector<StepSequence>& batch
         const auto [first, n] = S.split_merges[i0];
         const Scratch::DecodeItem& item = S.decode_items[first];
         const int64_t t = S.single_tokens[item.single], gw = group * hd;
-        attention_sparse_merge(&S.split_out[first * gw], &S.split_m[first * group], &S.split_l[first * group], n,
-                               static_cast<int32_t>(group), static_cast<int32_t>(hd),
+        attention_sparse_merge(&S.split_out[first * gw], &S.decode_m[first * group],
+                               &S.decode_l[first * group], n, static_cast<int32_t>(group),
+                               static_cast<int32_t>(hd),
                                &S.attn[t * q_dim + int64_t(item.head) * gw]);
       });
     }
