@@ -21,6 +21,7 @@ from lmengine.errors import InvalidRequestError, ModelFileError, UnsupportedMode
 from test_cuda_kernels import dequantize_rows, make_weights
 from test_cuda_kernels import needs_gpu as cuda_needs_gpu
 from test_moe_dispatch import (
+    all_to_expert_2,
     as_weight,
     layer_core_args,
     layer_reference,
@@ -157,14 +158,8 @@ def test_moe_k_quants(T):
 def test_moe_all_tokens_to_one_expert(kind, top_k):
     """A router row aligned with a constant input feature sends every token to expert 2 first;
     with top_k=1 every other expert gets nothing (64 pairs on one expert: two work items)."""
-    rng = np.random.default_rng(5)
-    T, E, d, ff = 64, 8, 64, 96
-    layer = make_layer(rng, E, d, ff, kind, shared_ff=32)
-    router = (rng.standard_normal((E, d)) / np.sqrt(d)).astype(np.float32)
-    router[2, 0] = 4.0
-    layer["router"] = as_weight(router, "F32")
-    x = rng.standard_normal((T, d)).astype(np.float32)
-    x[:, 0] = 5.0
+    T = 64
+    layer, x = all_to_expert_2(np.random.default_rng(5), T, 8, 64, 96, kind, shared_ff=32)
     out, counts, ref, ref_counts = run_both(layer, x, top_k)
     check(out, counts, ref, ref_counts, f"{kind} k={top_k}")
     assert counts[2] == T

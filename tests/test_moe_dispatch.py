@@ -262,19 +262,25 @@ def test_sigmoid_group_routing_matches_reference(seed, T, groups, k, norm, rsf, 
     assert rel_err(out, ref) <= TOL[("F32", 16)]
 
 
-@pytest.mark.parametrize("kind", ["F32", "Q8_0"])
-@pytest.mark.parametrize("top_k", [1, 3])
-def test_all_tokens_to_one_expert(kind, top_k):
-    """A router row aligned with a constant input feature sends every token to expert 2 (first
-    choice); with top_k=1 the other experts get nothing."""
-    rng = np.random.default_rng(5)
-    T, E, d, ff = 45, 6, 64, 96
-    layer = make_layer(rng, E, d, ff, kind)
+def all_to_expert_2(rng, T, E, d, ff, kind, **layer_kwargs):
+    """(layer, x) whose router row 2 is aligned with a constant input feature, so that every
+    token picks expert 2 first."""
+    layer = make_layer(rng, E, d, ff, kind, **layer_kwargs)
     router = (rng.standard_normal((E, d)) / np.sqrt(d)).astype(np.float32)
     router[2, 0] = 4.0
     layer["router"] = as_weight(router, "F32")
     x = rng.standard_normal((T, d)).astype(np.float32)
     x[:, 0] = 5.0
+    return layer, x
+
+
+@pytest.mark.parametrize("kind", ["F32", "Q8_0"])
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_all_tokens_to_one_expert(kind, top_k):
+    """A router row aligned with a constant input feature sends every token to expert 2 (first
+    choice); with top_k=1 the other experts get nothing."""
+    T = 45
+    layer, x = all_to_expert_2(np.random.default_rng(5), T, 6, 64, 96, kind)
     out, counts, ref, ref_counts = run_both(layer, x, top_k)
     np.testing.assert_array_equal(counts, ref_counts)
     assert counts[2] == T
