@@ -212,12 +212,13 @@ def test_quant_matmul_matches_numpy(t, rows, n_tokens, k_blocks):
     check_matmul(t, raw, k, x)
 
 
-# Wide rows (activation_bits=16) through every tile shape: 1 token (4-row tiles, 2 for Q8_0),
-# 2-4 tokens, 5+ tokens, and row counts that leave partial tiles.
+# Wide rows (activation_bits=16) through every tile shape: 1 token (1-, 2- or 4-row tiles by row
+# length: k_blocks 48 makes every 32-element type's rows long enough for 1-row tiles), 2-4 tokens,
+# 5+ tokens, and row counts that leave partial tiles.
 @pytest.mark.parametrize("t", BLOCK_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("rows", [1, 3, 5, 64])
 @pytest.mark.parametrize("n_tokens", [1, 2, 3, 4, 5, 11])
-@pytest.mark.parametrize("k_blocks", [1, 8, 19])
+@pytest.mark.parametrize("k_blocks", [1, 8, 19, 48])
 def test_quant_matmul_wide_matches_numpy(t, rows, n_tokens, k_blocks):
     rng = np.random.default_rng(7000 * rows + 10 * n_tokens + k_blocks)
     k = k_blocks * block_size(t)
@@ -251,9 +252,10 @@ def test_quant_matmul_wide_is_finer_than_8_bit(t):
 @pytest.mark.parametrize("n_tokens", [2, 3, 4, 5, 9])
 @pytest.mark.parametrize("rows", [1, 3, 7, 130])
 @pytest.mark.parametrize("bits", [8, 16])
-def test_quant_matmul_tokens_are_independent(t, n_tokens, rows, bits):
+@pytest.mark.parametrize("k_blocks", [19, 48])  # one-token tiles of 2-4 rows, then of 1 row
+def test_quant_matmul_tokens_are_independent(t, n_tokens, rows, bits, k_blocks):
     rng = np.random.default_rng(100 * rows + n_tokens)
-    k = 19 * (block_size(t) if block_size(t) > 1 else 37)
+    k = k_blocks * (block_size(t) if block_size(t) > 1 else 37)
     raw = make_weights(t, rows, k, rng)
     x = rng.standard_normal((n_tokens, k), dtype=np.float32)
     alone = np.concatenate(

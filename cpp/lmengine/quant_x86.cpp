@@ -604,8 +604,35 @@ void stream_rows(const MatrixArgs& m, int64_t ahead) {
   }
 }
 
+// Decode tiles of the 32-element block types (kRowsByLength): the fewest rows (1, 2 or 4, at most
+// the shape's row count) whose tile spans kDecodeTileBytes, prefetching kDecodePrefetchBytes (at
+// least one tile) ahead. A tile of R long rows reads R streams a row apart, which this machine's
+// hardware prefetcher follows poorly: on Zen 3, Q8_0 rows of 1-2 KiB streamed at 6-10 GB/s on two
+// threads as 2-row tiles and at 14-18 GB/s as 1-row tiles at one token (a plain read: ~21), and
+// 8-10 against 13 at two tokens; rows of a few hundred bytes (SmolLM2's k = 576) still want 4-row
+// tiles, whose per-tile work (scales, sums) one short row cannot cover.
+constexpr int64_t kDecodeTileBytes = 768;
+constexpr int64_t kDecodePrefetchBytes = 2048;
+
+template <class Tile, int kMaxRows, int C>
+void stream_rows_by_length(const MatrixArgs& m) {
+  int rows = 1;
+  while (rows < kMaxRows && rows * m.w_stride < kDecodeTileBytes) rows *= 2;
+  const int64_t ahead =
+      std::max<int64_t>(rows, (kDecodePrefetchBytes + m.w_stride - 1) / m.w_stride);
+  if constexpr (kMaxRows >= 4) {
+    if (rows == 4) return stream_rows<Tile, 4, C>(m, ahead);
+  }
+  if constexpr (kMaxRows >= 2) {
+    if (rows == 2) return stream_rows<Tile, 2, C>(m, ahead);
+  }
+  stream_rows<Tile, 1, C>(m, ahead);
+}
+
+// kRowsByLength: kRowsDecode1 and kRowsDecodeN are the most rows a decode tile takes, the count
+// chosen by stream_rows_by_length.
 template <class Tile, int kRowsDecode1, int kRowsDecodeN, int kTokensDecode, int kRowsPrefill,
-          int kTokensPrefill>
+          int kTokensPrefill, bool kRowsByLength = false>
 bool run_matrix(const MatrixArgs& m) {
   const auto [k, W, w_stride, n_rows, X, x_stride, n_tokens, Y, ldy] = m;
   constexpr int64_t kTokenChunk = 64;
@@ -613,11 +640,19 @@ bool run_matrix(const MatrixArgs& m) {
   // fast as 2 or 4 for 1- and 2-row tiles, within this machine's noise).
   constexpr int64_t kPrefetchRowsN = std::max(kRowsDecodeN, 8);
   if (n_tokens == 1) {
-    stream_rows<Tile, kRowsDecode1, 1>(m, kRowsDecode1);
+    if constexpr (kRowsByLength) {
+      stream_rows_by_length<Tile, kRowsDecode1, 1>(m);
+    } else {
+      stream_rows<Tile, kRowsDecode1, 1>(m, kRowsDecode1);
+    }
     return true;
   }
   if (n_tokens <= kTokensDecode) {
-    stream_rows<Tile, kRowsDecodeN, kTokensDecode>(m, kPrefetchRowsN);
+    if constexpr (kRowsByLength) {
+      stream_rows_by_length<Tile, kRowsDecodeN, kTokensDecode>(m);
+    } else {
+      stream_rows<Tile, kRowsDecodeN, kTokensDecode>(m, kPrefetchRowsN);
+    }
     return true;
   }
   for (int64_t t0 = 0; t0 < n_tokens; t0 += kTokenChunk) {
@@ -654,18 +689,18 @@ namespace quant_detail {
 bool matmul_rows_simd(DType wt, int64_t k, const uint8_t* W, int64_t w_stride, int64_t n_rows,
                       const uint8_t* X, int64_t x_stride, int64_t n_tokens, float* Y, int64_t ldy) {
   // Tile shapes measured on Zen 3 (decode rows for 1 token; for 2-4 tokens; prefill rows x
-  // tokens): 32-blocks 4; 2 (beat 1 and 3); 4x4. K-quants 2; 1 (beat 2); 1x4 (their per-row
-  // scale vectors fill the registers). Float weights 4; 4; 2x4.
+  // tokens): 32-blocks up to 4; up to 2, by row length (stream_rows_by_length); 4x4. K-quants 2;
+  // 1 (beat 2); 1x4 (their per-row scale vectors fill the registers). Float weights 4; 4; 2x4.
   const MatrixArgs m{k, W, w_stride, n_rows, X, x_stride, n_tokens, Y, ldy};
   switch (wt) {
     case DType::Q4_0:
-      return run_matrix<TileQ32<FmtQ4_0>, 4, 2, 4, 4, 4>(m);
+      return run_matrix<TileQ32<FmtQ4_0>, 4, 2, 4, 4, 4, true>(m);
     case DType::Q4_1:
-      return run_matrix<TileQ32<FmtQ4_1>, 4, 2, 4, 4, 4>(m);
+      return run_matrix<TileQ32<FmtQ4_1>, 4, 2, 4, 4, 4, true>(m);
     case DType::Q5_0:
-      return run_matrix<TileQ32<FmtQ5_0>, 4, 2, 4, 4, 4>(m);
+      return run_matrix<TileQ32<FmtQ5_0>, 4, 2, 4, 4, 4, true>(m);
     case DType::Q8_0:
-      return run_matrix<TileQ32<FmtQ8_0>, 4, 2, 4, 4, 4>(m);
+      return run_matrix<TileQ32<FmtQ8_0>, 4, 2, 4, 4, 4, true>(m);
     case DType::Q4_K:
       return run_matrix<TileQ4K, 2, 1, 4, 1, 4>(m);
     case DType::Q6_K:
@@ -683,18 +718,18 @@ bool matmul_rows_simd(DType wt, int64_t k, const uint8_t* W, int64_t w_stride, i
 bool matmul_rows_q16_simd(DType wt, int64_t k, const uint8_t* W, int64_t w_stride, int64_t n_rows,
                           const uint8_t* X, int64_t x_stride, int64_t n_tokens, float* Y,
                           int64_t ldy) {
-  // Two 16-bit weight vectors per row and block: 4 rows for one token (2 for Q8_0: its 34-byte
-  // blocks streamed from DRAM ran ~1.5x faster with 2-row tiles here), 2 rows x 4 tokens else.
+  // Two 16-bit weight vectors per row and block: decode tiles as the 8-bit rows' (up to 4 rows
+  // for one token, 2 for 2-4 tokens, by row length), 2 rows x 4 tokens else.
   const MatrixArgs m{k, W, w_stride, n_rows, X, x_stride, n_tokens, Y, ldy};
   switch (wt) {
     case DType::Q4_0:
-      return run_matrix<TileQ32<FmtQ4_0, true>, 4, 2, 4, 2, 4>(m);
+      return run_matrix<TileQ32<FmtQ4_0, true>, 4, 2, 4, 2, 4, true>(m);
     case DType::Q4_1:
-      return run_matrix<TileQ32<FmtQ4_1, true>, 4, 2, 4, 2, 4>(m);
+      return run_matrix<TileQ32<FmtQ4_1, true>, 4, 2, 4, 2, 4, true>(m);
     case DType::Q5_0:
-      return run_matrix<TileQ32<FmtQ5_0, true>, 4, 2, 4, 2, 4>(m);
+      return run_matrix<TileQ32<FmtQ5_0, true>, 4, 2, 4, 2, 4, true>(m);
     case DType::Q8_0:
-      return run_matrix<TileQ32<FmtQ8_0, true>, 2, 2, 4, 2, 4>(m);
+      return run_matrix<TileQ32<FmtQ8_0, true>, 4, 2, 4, 2, 4, true>(m);
     default:
       return false;
   }
