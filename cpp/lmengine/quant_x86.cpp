@@ -605,12 +605,13 @@ void stream_rows(const MatrixArgs& m, int64_t ahead) {
 }
 
 // Decode tiles of the 32-element block types (kRowsByLength): the fewest rows (1, 2 or 4, at most
-// the shape's row count) whose tile spans kDecodeTileBytes, prefetching kDecodePrefetchBytes (at
-// least one tile) ahead. A tile of R long rows reads R streams a row apart, which this machine's
-// hardware prefetcher follows poorly: on Zen 3, Q8_0 rows of 1-2 KiB streamed at 6-10 GB/s on two
-// threads as 2-row tiles and at 14-18 GB/s as 1-row tiles at one token (a plain read: ~21), and
-// 8-10 against 13 at two tokens; rows of a few hundred bytes (SmolLM2's k = 576) still want 4-row
-// tiles, whose per-tile work (scales, sums) one short row cannot cover.
+// kMaxRows) whose tile spans kDecodeTileBytes, prefetching kDecodePrefetchBytes (at least one
+// tile) ahead. A tile of R long rows reads R streams a row apart, which this machine's hardware
+// prefetcher follows poorly: on Zen 3, Q8_0 rows of 1-2 KiB streamed at 6-10 GB/s on two threads
+// as 2-row tiles and at 14-18 GB/s as 1-row tiles at one token (a plain read: ~21), and 8-10
+// against 13 at two tokens; rows of a few hundred bytes (SmolLM2's k = 576) still want 4-row
+// tiles, whose per-tile work (scales, sums) one short row cannot cover. Float rows keep fixed
+// tiles: 1-row tiles did not stream them faster.
 constexpr int64_t kDecodeTileBytes = 768;
 constexpr int64_t kDecodePrefetchBytes = 2048;
 
