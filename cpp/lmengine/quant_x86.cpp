@@ -609,10 +609,12 @@ void stream_rows(const MatrixArgs& m, int64_t ahead) {
 // tile) ahead. A tile of R long rows reads R streams a row apart, which this machine's hardware
 // prefetcher follows poorly: on Zen 3, Q8_0 rows of 1-2 KiB streamed at 6-10 GB/s on two threads
 // as 2-row tiles and at 14-18 GB/s as 1-row tiles at one token (a plain read: ~21), and 8-10
-// against 13 at two tokens; rows of a few hundred bytes (SmolLM2's k = 576) still want 4-row
-// tiles, whose per-tile work (scales, sums) one short row cannot cover. Float rows keep fixed
-// tiles: 1-row tiles did not stream them faster.
-constexpr int64_t kDecodeTileBytes = 768;
+// against 13 at two tokens. Gemma-3's Q8_0 LM head (680-byte rows) took 10.1-11.4 ms per decode
+// step as 1-row tiles against 12.5-13.2 as 2-row tiles; SmolLM2's 360-byte Q4_1 rows decode as
+// fast in 2-row tiles as in 4-row ones. Short rows still need several per tile, for the per-tile
+// work (scales, sums) one row cannot cover. Float rows keep fixed tiles: 1-row tiles did not
+// stream them faster.
+constexpr int64_t kDecodeTileBytes = 640;
 constexpr int64_t kDecodePrefetchBytes = 2048;
 
 template <class Tile, int kMaxRows, int C>
