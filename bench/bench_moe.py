@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import platform
 from pathlib import Path
@@ -51,14 +52,8 @@ GGML = {"F32": 0, "BF16": 30, "Q8_0": 8, "Q4_0": 2}
 
 def cycling(fn, batches: list):
     """A no-argument callable: each call runs fn on the next batch, in a cycle."""
-    state = {"i": 0}
-
-    def call():
-        batch = batches[state["i"] % len(batches)]
-        state["i"] += 1
-        return fn(batch)
-
-    return call
+    it = itertools.cycle(batches)
+    return lambda: fn(next(it))
 
 
 def reps_for(T: int) -> int:

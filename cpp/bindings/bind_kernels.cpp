@@ -242,7 +242,7 @@ py::array_t<float> attention_paged(const py::array& q, const py::array& k, const
     for (size_t i = 0; i < blocks.size(); ++i)
       blocks[i] = static_cast<int32_t>(b0 + static_cast<int64_t>(i));
     std::vector<float> work(static_cast<size_t>(lme::attention_partial_work_floats(
-        static_cast<int32_t>(group), static_cast<int32_t>(page_size), static_cast<int32_t>(D))));
+        static_cast<int32_t>(group), static_cast<int32_t>(page_size))));
     std::vector<float> m(static_cast<size_t>(group)), l(static_cast<size_t>(group));
     lme::attention_sparse_partial(qp, static_cast<int32_t>(group), scale, cache, order, 0, 0,
                                   blocks.data(), static_cast<int32_t>(blocks.size()), lo, L - 1,

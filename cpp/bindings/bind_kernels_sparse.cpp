@@ -155,7 +155,7 @@ py::array_t<float> attention_sparse(const F32Array& q, const F32Array& k, const 
   OneHeadCache c = make_cache(k, &v, page_size, kv_dtype, page_order);
   const int32_t n = static_cast<int32_t>(blocks.shape(0));
   std::vector<float> work(static_cast<size_t>(lme::attention_partial_work_floats(
-      static_cast<int32_t>(group), static_cast<int32_t>(page_size), static_cast<int32_t>(D))));
+      static_cast<int32_t>(group), static_cast<int32_t>(page_size))));
   std::vector<float> part_out(n_splits * group * D), part_m(n_splits * group), part_l(n_splits * group);
   const float sc = scale_of(scale, D);
   for (int32_t s = 0; s < n_splits; ++s) {

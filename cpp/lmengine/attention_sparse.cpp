@@ -146,7 +146,7 @@ int32_t sparse_select_blocks(const SparseAttentionConfig& c, const float* q, int
   return sparse_pick_blocks(scores, n_cand, n_keep, b_lo, scores + n_cand, blocks);
 }
 
-int64_t attention_partial_work_floats(int32_t group, int32_t page_size, int32_t head_dim) {
+int64_t attention_partial_work_floats(int32_t group, int32_t page_size) {
   return int64_t(group) * (int64_t(kPartialPages) * page_size + 1);
 }
 
@@ -331,9 +331,9 @@ void BlockSparseDecode::finish_plan(int n_threads) {
   grow(part_out_, n_items * n_splits_ * group_ * head_dim_);
   grow(part_m_, n_items * n_splits_ * group_);
   grow(part_l_, n_items * n_splits_ * group_);
-  thread_scratch_len_ = std::max<int64_t>(
-      thread_scratch_len_,
-      head_dim_ + cap_blocks_ + attention_partial_work_floats(group_, page_size_, head_dim_));
+  thread_scratch_len_ =
+      std::max<int64_t>(thread_scratch_len_, head_dim_ + cap_blocks_ +
+                                                 attention_partial_work_floats(group_, page_size_));
   grow(thread_scratch_, n_threads * thread_scratch_len_);
 }
 

@@ -61,13 +61,13 @@ int32_t sparse_pick_blocks(const float* scores, int64_t n_cand, int64_t n_keep, 
 constexpr int32_t kPartialPages = 4;
 
 // Floats of the work buffer attention_sparse_partial needs.
-int64_t attention_partial_work_floats(int32_t group, int32_t page_size, int32_t head_dim);
+int64_t attention_partial_work_floats(int32_t group, int32_t page_size);
 
 // Partial attention of the group over the listed logical blocks (ascending), masked to positions
 // [lo, pos]: out[g] = sum_j exp(s_gj - m[g]) V_j (unnormalised), l[g] = sum_j exp(s_gj - m[g]),
 // s = scale q.k. An empty list gives m = -inf, l = 0, out = 0. This is the CPU decode kernel of
 // every single-token attention, dense (all blocks, or a split's share) and block-sparse.
-// work: attention_partial_work_floats(group, page_size, head_dim).
+// work: attention_partial_work_floats(group, page_size).
 void attention_sparse_partial(const float* q, int32_t group, float scale, KVCache& kv, const int32_t* pages,
                               int32_t layer, int32_t head, const int32_t* blocks, int32_t n_blocks, int64_t lo,
                               int64_t pos, float* work, float* out, float* m, float* l);

@@ -38,12 +38,7 @@ struct BHalf {  // bfloat16
 
 inline float to_f32(float x) { return x; }
 inline float to_f32(Half h) { return fp16_to_fp32(h.bits); }
-inline float to_f32(BHalf h) {
-  const uint32_t b = static_cast<uint32_t>(h.bits) << 16;
-  float f;
-  __builtin_memcpy(&f, &b, 4);
-  return f;
-}
+inline float to_f32(BHalf h) { return bf16_to_fp32(h.bits); }
 
 // A 256-bit intrinsic vector as v8f (same bits), and the portable element-wise load.
 template <typename V>

@@ -43,9 +43,9 @@ struct KVCacheConfig {
 
 // Zeroed memory for one pool: an anonymous mapping the OS fills lazily, so resident memory grows
 // with the positions used, not with the pool's size. On Linux it is marked for transparent huge
-// pages: a (page, layer, head) block is 1-4 KiB and consecutive pages of one layer and head are
-// n_layers * n_kv_heads blocks apart, so with 4 KiB pages every block a long-context attention
-// reads would cost its own TLB miss and page walk.
+// pages: a (page, layer, head) block is 1-4 KiB and a sequence's pages lie anywhere in the pool,
+// so with 4 KiB pages most blocks a long-context attention reads (every block past a page
+// group's end, every block a sparse selection picks) would cost their own TLB miss and walk.
 class PoolMemory {
  public:
   PoolMemory() = default;
@@ -113,7 +113,8 @@ class KVCache {
   int64_t block_bytes() const { return block_elems_ * kv_dtype_bytes(config_.dtype); }
   // Min/max summary of the (page, layer, head) block: [2][head_dim] in the cache's dtype (the
   // extremes of stored keys are stored keys, so a 16-bit cache's summaries are exact in 16 bits
-  // and cost half what fp32 would); null without summaries. Readers convert with kv_to_f32.
+  // and cost half what fp32 would); null without summaries. Readers take the elements in place
+  // (attention_vec::Half/BHalf).
   uint8_t* block_summary(int32_t page, int32_t layer, int32_t head) {
     if (summary_pool_ == nullptr) return nullptr;
     return summary_pool_.get() + block_index(page, layer, head) * summary_bytes();

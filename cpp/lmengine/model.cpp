@@ -337,8 +337,8 @@ void Engine::plan_decode_splits() {
     S.block_iota.resize(static_cast<size_t>(max_pages));
     for (size_t b = old; b < S.block_iota.size(); ++b) S.block_iota[b] = static_cast<int32_t>(b);
   }
-  S.decode_work_len = attention_partial_work_floats(static_cast<int32_t>(group),
-                                                    static_cast<int32_t>(ps), c.head_dim);
+  S.decode_work_len =
+      attention_partial_work_floats(static_cast<int32_t>(group), static_cast<int32_t>(ps));
   const size_t work = static_cast<size_t>(pool_.size() * S.decode_work_len);
   if (S.decode_work.size() < work) S.decode_work.resize(work);
 }
